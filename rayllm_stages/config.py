@@ -1,0 +1,193 @@
+"""Job configuration: pydantic models that are the YAML files, the CLI input and the flow parameters.
+
+Unknown keys are errors that name the key. Fields that are not ours pass through to Ray:
+`model.engine_kwargs` to vLLM, `model.processor_kwargs` to the `ray.data.llm` processor config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot run; the message names the key or field at fault."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingParams(StrictModel):
+    """Sampling defaults for every row; an OpenAI Batch request body may override them per row."""
+
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, description="-1 or None disables top-k")
+    max_tokens: int = Field(64, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    stop: list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_valid(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("top_k must be -1 (off) or at least 1")
+        return value
+
+    def for_engine(self) -> dict[str, Any]:
+        """The vLLM `SamplingParams` kwargs, without unset optional values."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class PromptTemplate(StrictModel):
+    """Chat prompt for table inputs: sandboxed Jinja2 over the row's columns (`{{ text }}`)."""
+
+    system: str | None = None
+    user: str
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ModelSpec(StrictModel):
+    """Which model answers, on which engine, and how it is sized."""
+
+    source: str = Field(description="HF id, local folder or s3:// path (vllm); model name (http)")
+    id: str | None = Field(None, description="Model name written in outputs; default: the folder name")
+    engine: Literal["vllm", "http"] = "vllm"
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args")
+    concurrency: int | tuple[int, int] = Field(1, description="engine replicas (or min, max)")
+    batch_size: int = Field(32, ge=1)
+    accelerator_type: str | None = None
+    placement_group_config: dict[str, Any] | None = Field(
+        None, description="default: one CPU bundle when the cluster has no GPU"
+    )
+    processor_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="any other ray.data.llm processor config field"
+    )
+    base_url: str | None = Field(None, description="engine http: OpenAI-compatible base URL (…/v1)")
+    api_key_env: str | None = Field(None, description="engine http: environment variable with the key")
+    api_key_secret: str | None = Field(None, description="engine http: Prefect Secret block name")
+    max_retries: int = Field(3, ge=0, description="engine http: retries on 429/5xx/timeouts")
+    qps: float | None = Field(None, gt=0, description="engine http: request rate per actor")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_valid(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("concurrency must be >= 1, or (min, max) with 1 <= min <= max")
+        return value
+
+    @model_validator(mode="after")
+    def _engine_fields_match(self) -> ModelSpec:
+        if self.engine == "http":
+            if not self.base_url:
+                raise ValueError("engine 'http' needs base_url (e.g. http://host:8000/v1)")
+            if self.api_key_env and self.api_key_secret:
+                raise ValueError("give api_key_env or api_key_secret, not both")
+        else:
+            for name in ("base_url", "api_key_env", "api_key_secret", "qps"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is only for engine 'http'")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        return self.id or Path(self.source.rstrip("/")).name or self.source
+
+
+class BatchJobConfig(StrictModel):
+    """One batch inference job: an OpenAI Batch file or a table in, results and errors out.
+
+    Example:
+        ```yaml
+        input: s3://bucket/requests.jsonl
+        output: s3://bucket/run-1/
+        model: {source: ./models/tiny, engine: vllm, engine_kwargs: {max_model_len: 256}}
+        sampling: {temperature: 0.0, max_tokens: 16}
+        max_error_rate: 0.05
+        ```
+    """
+
+    input: str = Field(description="fsspec URL of an OpenAI Batch JSONL file or a JSONL/Parquet table")
+    output: str = Field(description="fsspec URL of the output folder (results, errors, manifest)")
+    input_format: Literal["auto", "openai_batch", "jsonl", "parquet"] = Field(
+        "auto", description="auto: .parquet is a table; JSONL with custom_id+body is OpenAI Batch"
+    )
+    id_column: str | None = Field(None, description="tables: column holding a unique row id")
+    model: ModelSpec
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    prompt: PromptTemplate | None = Field(None, description="tables: the chat prompt template")
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    ray_address: str | None = Field(None, description="None: local Ray; 'auto' or ray://host:10001")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (e.g. client_kwargs.endpoint_url)"
+    )
+    commit_every_rows: int = Field(
+        500, ge=1, description="rows per committed part file: the most a crash can lose"
+    )
+
+    @model_validator(mode="after")
+    def _table_needs_prompt(self) -> BatchJobConfig:
+        if self.input_format in ("jsonl", "parquet") and self.prompt is None:
+            raise ValueError(f"input_format '{self.input_format}' is a table and needs a prompt template")
+        return self
+
+    def resume_fingerprint(self) -> dict[str, Any]:
+        """The settings that change results: a rerun with other values may not resume."""
+        return {
+            "input": self.input,
+            "input_format": self.input_format,
+            "id_column": self.id_column,
+            "model.source": self.model.source,
+            "model.engine": self.model.engine,
+            "model.engine_kwargs": self.model.engine_kwargs,
+            "model.base_url": self.model.base_url,
+            "sampling": self.sampling.model_dump(),
+            "prompt": self.prompt.model_dump() if self.prompt else None,
+        }
+
+
+def format_validation_error(error: ValidationError, source: str = "config") -> str:
+    """One line per problem, each naming the dotted key: `model.engin: unknown key`."""
+    lines = [f"{source} is invalid:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[BaseModel], path: str | Path, overrides: dict[str, Any] | None = None):
+    """Load a YAML job config into `model`, raising `ConfigError` with each bad key named."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
+    data.update(overrides or {})
+    return validate_config(model, data, source=str(path))
+
+
+def validate_config(model: type[BaseModel], data: Any, source: str = "config"):
+    if isinstance(data, model):
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
