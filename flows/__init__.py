@@ -1,0 +1,1 @@
+"""Prefect flows, one module per job; `flows.cli` is the `rayllm` command."""

@@ -1,0 +1,138 @@
+"""The `rayllm` command: run jobs from YAML configs, build tiny local models, run the local demo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rayllm_stages.config import BatchJobConfig, ConfigError, load_config
+
+app = typer.Typer(
+    name="rayllm",
+    help="Prefect flows over Ray Data LLM and Ray Serve LLM: batch inference, curation, chains, evaluation, rollout.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _quiet_ray_logs() -> None:
+    # Ray actors and vLLM print a lot to the driver; the progress bar says what matters.
+    os.environ.setdefault("RAYLLM_RAY_LOGS", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def run_batch_with_progress(config: BatchJobConfig, overwrite: bool, show_progress: bool = True):
+    """Run the batch flow in this process with a progress bar on stderr; returns the manifest."""
+    from flows.batch import batch_inference
+    from tasks.progress import progress_listener
+
+    columns = (
+        TextColumn("[bold]batch[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
+        task_id = bar.add_task("rows", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
+
+        with progress_listener(update):
+            return batch_inference(config=config, overwrite=overwrite)
+
+
+@app.command()
+def batch(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job config (YAML)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds a run with other settings."),
+    input: Optional[str] = typer.Option(None, "--input", help="Override the config's input URL."),
+    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run batch inference on an OpenAI Batch JSONL file or a JSONL/Parquet table.
+
+    Writes results.jsonl, errors.jsonl and manifest.json to the output location; a rerun on the
+    same output resumes. Exit code 2: bad config or input; 1: the run failed.
+    """
+    overrides = {k: v for k, v in {"input": input, "output": output, "ray_address": ray_address}.items() if v}
+    config = _load(BatchJobConfig, config_file, overrides)
+    _quiet_ray_logs()
+    try:
+        manifest = run_batch_with_progress(config, overwrite, show_progress=progress)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        console.print(f"[red]batch failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    counts = manifest.counts
+    console.print(
+        f"[green]done:[/] {counts.completed} completed, {counts.failed} failed of {counts.total}; "
+        f"{manifest.throughput.rows_per_s} rows/s"
+    )
+    for name, url in manifest.outputs.items():
+        typer.echo(f"{name}: {url}")
+
+
+@app.command()
+def validate(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job config (YAML)."),
+) -> None:
+    """Check a batch config and its input (keys, template fields, sampling) without starting an engine."""
+    from rayllm_stages.batch_input import check_input, count_rows
+
+    config = _load(BatchJobConfig, config_file)
+    try:
+        fmt = check_input(config)
+        rows = count_rows(config, fmt)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo(f"ok: {config.input} is {fmt} with {rows} rows")
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    directory: Path = typer.Argument(..., help="Folder to write the model into."),
+    trained: bool = typer.Option(False, "--trained/--untrained", help="Fit it to the toy colour task first (seconds)."),
+    seed: int = typer.Option(0, help="Seed for weights and training."),
+) -> None:
+    """Write a tiny chat model (tokenizer + 2-layer Llama, ~2 MB) that vLLM loads by path.
+
+    --trained answers the toy task ("Is red warm or cool?" -> "warm") exactly with greedy decoding;
+    the untrained twin answers gibberish. Needs the cpu or gpu extra (torch, transformers).
+    """
+    from rayllm_stages.tiny_models import build_tiny_chat_model
+
+    folder = build_tiny_chat_model(directory, trained=trained, seed=seed)
+    typer.echo(str(folder))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path(".rayllm/demo"), help="Where the model and a copy of the outputs go."),
+    rows: int = typer.Option(200, min=1, help="Requests in the sample batch file."),
+) -> None:
+    """Everything local: an S3 server on loopback, a tiny model, a sample batch file, the flow, the report."""
+    from flows.demo import run_demo
+
+    _quiet_ray_logs()
+    run_demo(workdir, rows=rows, console=console)
+
+
+def _load(model, path: Path, overrides: dict | None = None):
+    try:
+        return load_config(model, path, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    app()

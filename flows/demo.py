@@ -1,0 +1,80 @@
+"""`rayllm demo`: the batch spine end to end on this machine, with nothing but the package installed."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rich.console import Console
+
+from rayllm_stages.config import BatchJobConfig
+from rayllm_stages.local_s3 import start_local_s3
+from rayllm_stages.tiny_models import TOY_TASK, build_tiny_chat_model
+
+BUCKET = "rayllm-demo"
+
+
+def sample_batch_lines(rows: int, seed: int = 0) -> list[str]:
+    """OpenAI Batch requests over the toy task, plus two malformed lines to show the error file."""
+    rng = random.Random(seed)
+    lines = []
+    for number in range(rows):
+        question, _ = rng.choice(TOY_TASK)
+        lines.append(json.dumps({
+            "custom_id": f"request-{number}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": question}], "max_tokens": 8},
+        }))
+    lines.append('{"custom_id": "broken", "method": "POST", "url": "/v1/chat/completions", "body": ')
+    lines.append(json.dumps({"custom_id": "request-0", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"messages": [{"role": "user", "content": "duplicate id"}]}}))
+    return lines
+
+
+def run_demo(workdir: Path, rows: int, console: Console) -> None:
+    from flows.cli import run_batch_with_progress
+
+    workdir = workdir.resolve()
+    model_dir = workdir / "models" / "tiny-chat"
+    if not (model_dir / "config.json").exists():
+        console.print(f"building a tiny trained chat model in {model_dir} …")
+        build_tiny_chat_model(model_dir, trained=True)
+    s3 = start_local_s3()
+    try:
+        console.print(f"local S3 server on {s3.endpoint_url}")
+        fs = s3.filesystem()
+        s3.create_bucket(BUCKET)
+        with fs.open(f"{BUCKET}/requests.jsonl", "w") as handle:
+            handle.write("\n".join(sample_batch_lines(rows)) + "\n")
+        config = BatchJobConfig(
+            input=f"s3://{BUCKET}/requests.jsonl",
+            output=f"s3://{BUCKET}/run-1/",
+            model={"source": str(model_dir), "id": "tiny-chat", "engine_kwargs": {"max_model_len": 256}},
+            sampling={"temperature": 0.0, "max_tokens": 8},
+            storage_options=s3.storage_options,
+        )
+        manifest = run_batch_with_progress(config, overwrite=True)
+        local_copy = workdir / "run-1"
+        local_copy.mkdir(parents=True, exist_ok=True)
+        for name in ("results.jsonl", "errors.jsonl", "manifest.json"):
+            fs.get(f"{BUCKET}/run-1/{name}", str(local_copy / name))
+    finally:
+        s3.stop()
+    _print_summary(console, manifest, local_copy)
+
+
+def _print_summary(console: Console, manifest, local_copy: Path) -> None:
+    counts = manifest.counts
+    console.print(f"\n[bold]{counts.completed} completed, {counts.failed} failed[/] of {counts.total} requests "
+                  f"({manifest.throughput.rows_per_s} rows/s over {manifest.timings.wall_s} s)")
+    with open(local_copy / "results.jsonl") as handle:
+        for line in list(handle)[:3]:
+            record = json.loads(line)
+            answer = record["response"]["body"]["choices"][0]["message"]["content"]
+            console.print(f"  {record['custom_id']}: {answer!r}")
+    console.print(f"results (S3): {manifest.outputs['results']}")
+    console.print(f"outputs copied to {local_copy}: results.jsonl, errors.jsonl, manifest.json")
+    console.print("the flow run's report and summary are artifacts in the Prefect UI (run `prefect server start` "
+                  "first and set PREFECT_API_URL to keep them after the demo)")

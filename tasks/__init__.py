@@ -1,0 +1,1 @@
+"""Prefect tasks over `rayllm_stages`: retries, progress, artifacts and events around each step."""

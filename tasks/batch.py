@@ -1,0 +1,98 @@
+"""Batch inference tasks: prepare, run, finalize. Each is safe to retry; a retried run resumes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from rayllm_stages.batch import BatchJob, Execution, Preparation
+from rayllm_stages.config import BatchJobConfig, ConfigError
+from rayllm_stages.manifest import Manifest
+
+from .progress import ProgressReporter
+from .reporting import artifact_key
+from .secrets import resolve_api_key
+
+
+def _retry_unless_config_error(task, task_run, state) -> bool:
+    """Storage hiccups are worth a retry; a config that cannot work is not."""
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+STORAGE_RETRIES: dict[str, Any] = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_unless_config_error,
+)
+
+
+@task(name="prepare-batch", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def prepare_batch(config: BatchJobConfig, overwrite: bool = False) -> Preparation:
+    """Check the input against the config and decide: start, resume, or refuse.
+
+    Raises:
+        ConfigError: the input is missing or does not fit the config; the field is named.
+        ResumeRefused: the output holds a run with other settings and `overwrite` is False.
+
+    Example:
+        ```python
+        @flow
+        def check(config: BatchJobConfig):
+            return prepare_batch(config)
+        ```
+    """
+    preparation = BatchJob(config).prepare(overwrite=overwrite)
+    logger = get_run_logger()
+    if preparation.already_complete:
+        logger.info("%s is already complete (%d rows)", config.output, preparation.total_rows)
+    elif preparation.resumed:
+        logger.info("resuming %s: %d of %d rows already done", config.output, preparation.done_rows, preparation.total_rows)
+    else:
+        logger.info("starting %s: %d rows (%s)", config.output, preparation.total_rows, preparation.input_format)
+    return preparation
+
+
+@task(
+    name="run-batch",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_unless_config_error,
+)
+def run_batch(config: BatchJobConfig) -> Execution:
+    """Run every row not yet committed through the engine; a retry picks up where this stopped.
+
+    Example:
+        ```python
+        @flow
+        def infer(config: BatchJobConfig):
+            connect_ray(config.ray_address)
+            prepare_batch(config)
+            run_batch(config)
+            return finalize_batch(config)
+        ```
+    """
+    reporter = ProgressReporter(artifact_key("batch-progress", config.output), f"Batch {config.model.served_name}")
+    execution = BatchJob(config, api_key=resolve_api_key(config.model)).execute(on_progress=reporter)
+    get_run_logger().info(
+        "attempt %d: %d rows (%d results, %d errors) in %.1f s",
+        execution.attempt, execution.rows, execution.results, execution.errors, execution.seconds,
+    )
+    return execution
+
+
+@task(name="finalize-batch", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def finalize_batch(config: BatchJobConfig, execution: Execution | None = None, flow_run_id: str | None = None) -> Manifest:
+    """Write results.jsonl, errors.jsonl and manifest.json from the committed parts."""
+    return BatchJob(config).finalize(flow_run_id=flow_run_id, execution=execution)

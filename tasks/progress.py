@@ -1,0 +1,56 @@
+"""Progress of long steps: a Prefect progress artifact, plus listeners such as the CLI's progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator
+from uuid import UUID
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext, FlowRunContext
+
+Listener = Callable[[int, int], None]
+_listeners: list[Listener] = []
+
+
+@contextlib.contextmanager
+def progress_listener(listener: Listener) -> Iterator[None]:
+    """Call `listener(done, total)` while rows finish in this process (the CLI's progress bar)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+class ProgressReporter:
+    """Feeds one progress artifact (at most every `interval_s`) and every registered listener."""
+
+    def __init__(self, key: str, description: str, interval_s: float = 2.0):
+        self.key = key
+        self.description = description
+        self.interval_s = interval_s
+        self._artifact_id: UUID | None = None
+        self._last_update = 0.0
+        self._last_percent = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        for listener in list(_listeners):
+            listener(done, total)
+        percent = 100.0 * done / total if total else 100.0
+        now = time.monotonic()
+        if percent != 100.0 and now - self._last_update < self.interval_s:
+            return
+        if percent == self._last_percent or not _in_prefect_run():
+            return
+        self._last_update, self._last_percent = now, percent
+        description = f"{self.description}: {done:,} of {total:,} rows"
+        if self._artifact_id is None:
+            self._artifact_id = create_progress_artifact(percent, key=self.key, description=description)
+        else:
+            update_progress_artifact(self._artifact_id, percent, description=description)
+
+
+def _in_prefect_run() -> bool:
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None

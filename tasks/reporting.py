@@ -1,0 +1,87 @@
+"""What a run shows in the Prefect UI: summary tables, markdown reports and events."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from rayllm_stages.manifest import Manifest
+
+
+def artifact_key(kind: str, location: str) -> str:
+    """A stable artifact key per job output, so the UI keeps a version history per job."""
+    slug = re.sub(r"[^a-z0-9]+", "-", location.lower()).strip("-")[-40:].strip("-")
+    digest = hashlib.sha256(location.encode()).hexdigest()[:8]
+    return f"{kind}-{slug}-{digest}".strip("-")
+
+
+def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    counts, throughput, latency = manifest.counts, manifest.throughput, manifest.throughput.latency_s
+    rows = [
+        ("rows", counts.total),
+        ("completed", counts.completed),
+        ("failed", counts.failed),
+        ("error rate", f"{counts.error_rate:.2%} (max {manifest.max_error_rate:.2%})"),
+        ("rows/s", throughput.rows_per_s),
+        ("output tokens/s", throughput.output_tokens_per_s),
+        ("tokens in / out", f"{throughput.tokens_in:,} / {throughput.tokens_out:,}"),
+        ("latency p50 / p90 / p99 (s)", f"{latency['p50']} / {latency['p90']} / {latency['p99']}"),
+        ("wall (s)", manifest.timings.wall_s),
+        ("first result after (s)", manifest.timings.first_result_s),
+        ("attempts", manifest.attempts),
+        ("model", f"{manifest.model['name']} ({manifest.model['engine']})"),
+    ]
+    rows += [(f"errors: {code}", count) for code, count in counts.errors_by_code.items()]
+    return [{"metric": name, "value": str(value)} for name, value in rows]
+
+
+def batch_report_markdown(manifest: Manifest) -> str:
+    counts = manifest.counts
+    verdict = "within" if counts.error_rate <= manifest.max_error_rate else "**above**"
+    lines = [
+        f"# Batch inference: {manifest.model['name']}",
+        "",
+        f"{counts.completed:,} of {counts.total:,} rows completed, {counts.failed:,} failed "
+        f"({counts.error_rate:.2%}, {verdict} the {manifest.max_error_rate:.2%} limit).",
+        "",
+        "| output | location |",
+        "| --- | --- |",
+        *[f"| {name} | `{url}` |" for name, url in manifest.outputs.items()],
+        "",
+        f"Input: `{manifest.input['url']}` ({manifest.input['format']}).  ",
+        f"Throughput: {manifest.throughput.rows_per_s} rows/s, "
+        f"{manifest.throughput.output_tokens_per_s} output tokens/s over {manifest.timings.wall_s} s.",
+    ]
+    if counts.errors_by_code:
+        lines += ["", "| error code | rows |", "| --- | --- |"]
+        lines += [f"| {code} | {count} |" for code, count in counts.errors_by_code.items()]
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.items() if v)
+    lines += ["", f"<sub>{versions}</sub>"]
+    return "\n".join(lines)
+
+
+@task(name="publish-batch-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def publish_batch_report(manifest: Manifest) -> None:
+    """Summary table and markdown report artifacts for one batch run."""
+    output = manifest.outputs["manifest"].rsplit("/", 1)[0]
+    create_table_artifact(
+        batch_summary_rows(manifest), key=artifact_key("batch-summary", output), description="Batch run summary"
+    )
+    create_markdown_artifact(
+        batch_report_markdown(manifest), key=artifact_key("batch-report", output), description="Batch run report"
+    )
+
+
+def emit_job_event(job: str, outcome: str, output: str, payload: dict[str, Any]) -> None:
+    """`rayllm.<job>.<outcome>` about the job's output location, for automations to chain on."""
+    emit_event(
+        event=f"rayllm.{job}.{outcome}",
+        resource={"prefect.resource.id": f"rayllm.{job}.{output}", "prefect.resource.name": output},
+        payload=payload,
+    )
