@@ -20,7 +20,7 @@ from jinja2.exceptions import TemplateError
 from pydantic import ValidationError
 
 from .config import BatchJobConfig, ConfigError, SamplingParams
-from .prompts import check_template_fields, render_messages
+from .prompts import check_template_fields, render_messages, template_fields
 from .storage import Location
 
 InputFormat = Literal["openai_batch", "jsonl", "parquet"]
@@ -245,6 +245,7 @@ def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> dict[str, A
 def _table_rows(source: Location, fmt: InputFormat, config: BatchJobConfig) -> Iterator[Request | RowError]:
     assert config.prompt is not None
     sampling = config.sampling.for_engine()
+    needed = sorted(set().union(*template_fields(config.prompt).values()))
     seen: set[str] = set()
     for index, row in _table_records(source, fmt):
         where = f"row {index}"
@@ -263,6 +264,10 @@ def _table_rows(source: Location, fmt: InputFormat, config: BatchJobConfig) -> I
             seen.add(key)
         else:
             key = str(index)
+        empty = [name for name in needed if row.get(name) is None]
+        if empty:
+            yield RowError(index, key, "missing_field", f"{where} ({key}): field(s) {', '.join(map(repr, empty))} are null or missing")
+            continue
         try:
             messages = render_messages(config.prompt, row)
         except TemplateError as exc:

@@ -1,0 +1,120 @@
+"""Shared, real test infrastructure: one Prefect server, one local Ray, tiny models, a local S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+# Before prefect or ray are imported anywhere.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="rayllm-test-prefect-"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAYLLM_CACHE_DIR", tempfile.mkdtemp(prefix="rayllm-test-cache-"))
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def openai_line(custom_id: str, content, max_tokens: int = 8, **body) -> str:
+    return json.dumps({
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **body},
+    })
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (the test harness) for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every in-process test."""
+    from rayllm_stages import ray_runtime
+
+    ray_runtime.connect()
+    yield
+    ray_runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A trained ("good") and an untrained ("bad") tiny chat model, built once."""
+    from rayllm_stages.tiny_models import build_tiny_chat_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "good": build_tiny_chat_model(root / "tiny-good", trained=True),
+        "bad": build_tiny_chat_model(root / "tiny-bad", trained=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """A real S3-protocol server (moto) on 127.0.0.1."""
+    from rayllm_stages.local_s3 import start_local_s3
+
+    server = start_local_s3()
+    yield server
+    server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+OPENAI_SERVER_KEY = "sk-test-7f3a9c-not-a-real-key"
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_models):
+    """vLLM's own OpenAI-compatible server on loopback, serving the good tiny model, with an API key."""
+    port = _free_port()
+    log = open(tempfile.mktemp(prefix="vllm-server-", suffix=".log"), "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["good"]),
+         "--served-model-name", "tiny-good", "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--api-key", OPENAI_SERVER_KEY],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {process.returncode}; log: {log.name}")
+            try:
+                request = urllib.request.Request(f"{base_url}/models", headers={"Authorization": f"Bearer {OPENAI_SERVER_KEY}"})
+                urllib.request.urlopen(request, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"vLLM server did not answer in 300 s; log: {log.name}")
+                time.sleep(1)
+        yield base_url
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+        log.close()
