@@ -188,7 +188,7 @@ class BatchJob:
         if completed is not None:
             return completed
         job = self._job()
-        stats, busy_seconds = self.log.merge(self.results_file, self.errors_file)
+        stats, attempts = self.log.merge(self.results_file, self.errors_file)
         total = job["total_rows"]
         accounted = stats.results + stats.errors
         if accounted != total:
@@ -197,7 +197,7 @@ class BatchJob:
                 "run execute again to finish them"
             )
         finished_at = time.time()
-        wall = max(busy_seconds, 1e-6)
+        wall = max(sum(a["seconds"] for a in attempts), 1e-6)
         manifest = Manifest(
             status="completed",
             input={"url": self.config.input, "format": job["input_format"], **job["fingerprint"]["input_identity"]},
@@ -224,7 +224,7 @@ class BatchJob:
                 first_result_s=execution.first_result_s if execution else None,
             ),
             throughput=build_throughput(stats, wall),
-            attempts=self.log.next_attempt() - 1,
+            attempts=attempts,
             flow_run_id=flow_run_id,
             max_error_rate=self.config.max_error_rate,
         )

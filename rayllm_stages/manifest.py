@@ -73,7 +73,7 @@ class Manifest(BaseModel):
     counts: Counts
     timings: Timings
     throughput: Throughput
-    attempts: int
+    attempts: list[dict[str, float]] = Field(description="per attempt: rows it finished and seconds it ran")
     flow_run_id: str | None = None
     max_error_rate: float
     versions: dict[str, str | None] = Field(default_factory=package_versions)

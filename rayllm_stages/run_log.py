@@ -90,14 +90,15 @@ class RunLog:
     def writer(self, attempt: int, commit_every_rows: int) -> PartWriter:
         return PartWriter(self.parts, attempt, commit_every_rows)
 
-    def merge(self, results: Location, errors: Location) -> tuple[PartStats, float]:
+    def merge(self, results: Location, errors: Location) -> tuple[PartStats, list[dict[str, float]]]:
         """Write all parts into the final results and errors files.
 
         Returns:
-            The parts' summed stats, and the seconds the attempts spent until their last commit.
+            The parts' summed stats, and per attempt its rows and the seconds until its last commit.
         """
         total = PartStats()
         spans: dict[int, tuple[float, float]] = {}
+        rows: dict[int, int] = {}
         seen: set[int] = set()
         with results.open("w", encoding="utf-8") as out, errors.open("w", encoding="utf-8") as err:
             for part, stats in self.complete_parts():
@@ -106,12 +107,17 @@ class RunLog:
                     raise RuntimeError(f"run log part {part} repeats rows already in an earlier part")
                 seen.update(fresh)
                 total.absorb(stats)
+                rows[stats.attempt] = rows.get(stats.attempt, 0) + len(stats.indexes)
                 if stats.attempt_started_at is not None and stats.last_written_at is not None:
                     start, end = spans.get(stats.attempt, (stats.attempt_started_at, stats.last_written_at))
                     spans[stats.attempt] = (min(start, stats.attempt_started_at), max(end, stats.last_written_at))
                 for kind, line in _part_lines(part):
                     (out if kind == RESULT else err).write(line + "\n")
-        return total, sum(end - start for start, end in spans.values())
+        attempts = [
+            {"attempt": a, "rows": rows[a], "seconds": round(spans[a][1] - spans[a][0], 3) if a in spans else 0.0}
+            for a in sorted(rows)
+        ]
+        return total, attempts
 
     def clear_parts(self) -> None:
         self.parts.remove()

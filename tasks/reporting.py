@@ -16,6 +16,7 @@ from rayllm_stages.manifest import Manifest
 
 def artifact_key(kind: str, location: str) -> str:
     """A stable artifact key per job output, so the UI keeps a version history per job."""
+    location = location.rstrip("/")
     slug = re.sub(r"[^a-z0-9]+", "-", location.lower()).strip("-")[-40:].strip("-")
     digest = hashlib.sha256(location.encode()).hexdigest()[:8]
     return f"{kind}-{slug}-{digest}".strip("-")
@@ -34,7 +35,7 @@ def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ("latency p50 / p90 / p99 (s)", f"{latency['p50']} / {latency['p90']} / {latency['p99']}"),
         ("wall (s)", manifest.timings.wall_s),
         ("first result after (s)", manifest.timings.first_result_s),
-        ("attempts", manifest.attempts),
+        ("attempts (rows each)", ", ".join(str(int(a["rows"])) for a in manifest.attempts)),
         ("model", f"{manifest.model['name']} ({manifest.model['engine']})"),
     ]
     rows += [(f"errors: {code}", count) for code, count in counts.errors_by_code.items()]
@@ -80,6 +81,7 @@ def publish_batch_report(manifest: Manifest) -> None:
 
 def emit_job_event(job: str, outcome: str, output: str, payload: dict[str, Any]) -> None:
     """`rayllm.<job>.<outcome>` about the job's output location, for automations to chain on."""
+    output = output.rstrip("/")
     emit_event(
         event=f"rayllm.{job}.{outcome}",
         resource={"prefect.resource.id": f"rayllm.{job}.{output}", "prefect.resource.name": output},

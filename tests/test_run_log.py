@@ -19,9 +19,9 @@ def test_parts_commit_whole_and_merge_once(tmp_path):
     assert not torn.exists()
 
     results, errors = Location(str(tmp_path / "r.jsonl")), Location(str(tmp_path / "e.jsonl"))
-    stats, busy = log.merge(results, errors)
+    stats, attempts = log.merge(results, errors)
     assert results.read_text().splitlines() == ['{"a": 0}', '{"a": 2}']
     assert errors.read_text().splitlines() == ['{"e": 1}']
     assert (stats.results, stats.errors, stats.tokens_in, stats.tokens_out) == (2, 1, 4, 5)
     assert stats.error_codes == {"invalid_json": 1}
-    assert busy >= 0
+    assert [(a["attempt"], a["rows"]) for a in attempts] == [(1, 3)]
