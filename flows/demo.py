@@ -53,6 +53,7 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
             output=f"s3://{BUCKET}/run-1/",
             model={"source": str(model_dir), "id": "tiny-chat", "engine_kwargs": {"max_model_len": 256}},
             sampling={"temperature": 0.0, "max_tokens": 8},
+            max_error_rate=0.5,  # the sample has two deliberately broken lines
             storage_options=s3.storage_options,
         )
         manifest = run_batch_with_progress(config, overwrite=True)

@@ -1,0 +1,797 @@
+"""Batch inference benchmark: our `rayllm batch` flow vs raw Ray Data LLM vs vLLM's run_batch.
+
+One command, three systems over the same OpenAI Batch JSONL file, each in a fresh subprocess
+(its own Ray / vLLM engine; engine start is part of the measurement), run one after another:
+
+    (a) ours : .venv/bin/rayllm batch CONFIG.yaml --no-progress --overwrite
+    (b) peer : ray.data.llm.build_processor + vLLMEngineProcessorConfig, rows iterated in the driver
+    (c) vllm : vLLM's single-process OpenAI batch runner (vllm.entrypoints.launchers.run_batch)
+
+Then, unless --skip-rss, a large file (default 100,000 requests, max_tokens 1) goes through (a)
+while the driver process's own RSS is sampled every 0.5 s.
+
+Usage:
+    .venv/bin/python bench/batch_bench.py [--rows 2000] [--max-tokens 16] [--rss-rows 100000] [--skip-rss]
+
+Definitions (printed with the table and written to bench/results/batch.{json,md}):
+    wall      = subprocess launch -> subprocess exit, measured by this script.
+    start-up  = subprocess launch -> first result available in the process that collects results
+                (a: the flow's first result row, b: the first row out of iter_rows,
+                 c: the first request completed by the engine client).
+    steady    = wall - start-up.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+PYTHON = REPO / ".venv" / "bin" / "python"
+RAYLLM = REPO / ".venv" / "bin" / "rayllm"
+SAMPLE_EVERY_S = 0.5
+MARKER = "BENCH_JSON "
+
+# Same engine and sampling settings in all three systems.
+MAX_MODEL_LEN = 256
+GPU_MEMORY_UTILIZATION = 0.1  # vLLM CPU: share of host RAM for the KV cache
+CONCURRENCY = 1
+BATCH_SIZE = 32
+NUM_CPUS = 8  # logical CPUs for a local Ray on a 2-core box (see /work/shared/STACK.md)
+
+# --------------------------------------------------------------------------------------------
+# Helper scripts, written into the work dir at run time and run with the venv's python.
+# --------------------------------------------------------------------------------------------
+
+RAW_RAY_DATA_LLM = r'''
+"""(b) Raw Ray Data LLM: read_json -> build_processor(vLLM) -> rows iterated in the driver."""
+import json, sys, time
+
+MARKER = "BENCH_JSON "
+
+
+def main():
+    input_path, model, out_path, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    marks = {"script_start": time.time()}
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    ray.init(num_cpus=%(num_cpus)d, include_dashboard=False, log_to_driver=False)
+    marks["ray_ready"] = time.time()
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs=dict(max_model_len=%(max_model_len)d, gpu_memory_utilization=%(gpu_mem)r),
+        concurrency=%(concurrency)d,
+        batch_size=%(batch_size)d,
+        placement_group_config=dict(bundles=[{"CPU": 1}]),
+    )
+
+    def preprocess(row):
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["body"]["messages"]]
+        return dict(messages=messages, sampling_params=dict(temperature=0.0, max_tokens=max_tokens))
+
+    def postprocess(row):
+        return dict(
+            custom_id=row["custom_id"],
+            generated_text=row.get("generated_text") or "",
+            num_input_tokens=int(row.get("num_input_tokens") or 0),
+            num_generated_tokens=int(row.get("num_generated_tokens") or 0),
+        )
+
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    dataset = processor(ray.data.read_json(input_path))
+    rows = tokens_out = tokens_in = 0
+    ids = set()
+    with open(out_path, "w") as out:
+        for row in dataset.iter_rows():
+            if rows == 0:
+                marks["first_result"] = time.time()
+            rows += 1
+            ids.add(row["custom_id"])
+            tokens_out += row["num_generated_tokens"]
+            tokens_in += row["num_input_tokens"]
+            out.write(json.dumps(row) + "\n")
+    marks["last_result"] = time.time()
+    ray.shutdown()
+    marks["end"] = time.time()
+    print(MARKER + json.dumps({"marks": marks, "rows": rows, "unique_ids": len(ids),
+                               "tokens_out": tokens_out, "tokens_in": tokens_in}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+# vLLM's `python -m vllm.entrypoints.openai.run_batch` is exactly `parse_args()` +
+# `asyncio.run(main(args))` from vllm.entrypoints.launchers.run_batch. This runs the same two calls,
+# with two timestamps hooked in: engine ready (run_batch() entered: the engine client exists) and
+# the first completed request. Nothing else changes.
+VLLM_RUN_BATCH_TIMED = r'''
+"""(c) vLLM's OpenAI batch runner, with timestamps for engine-ready and first completed request."""
+import asyncio, json, time
+
+MARKER = "BENCH_JSON "
+
+
+def main():
+    marks = {"script_start": time.time()}
+    import vllm.entrypoints.launchers.run_batch as rb
+
+    original_completed = rb.BatchProgressTracker.completed
+    original_run_batch = rb.run_batch
+
+    def completed(self):
+        marks.setdefault("first_result", time.time())
+        return original_completed(self)
+
+    async def run_batch(engine_client, args):
+        marks["engine_ready"] = time.time()
+        result = await original_run_batch(engine_client, args)
+        marks["output_written"] = time.time()
+        return result
+
+    rb.BatchProgressTracker.completed = completed
+    rb.run_batch = run_batch
+    args = rb.parse_args()
+    asyncio.run(rb.main(args))
+    marks["end"] = time.time()
+    print(MARKER + json.dumps({"marks": marks}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+# --------------------------------------------------------------------------------------------
+# Running one subprocess: wall clock, its output, driver RSS, and no leftovers.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    name: str
+    returncode: int | None = None
+    launched_at: float = 0.0
+    wall_s: float = 0.0
+    timed_out: bool = False
+    markers: list[dict[str, Any]] = field(default_factory=list)
+    tail: list[str] = field(default_factory=list)
+    rss_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since launch, bytes)
+    descendants_seen: int = 0
+    leftovers_killed: int = 0
+    log_path: str = ""
+
+
+_ACTIVE: dict[int, subprocess.Popen] = {}
+_TRACKED: dict[int, float] = {}  # pid -> create_time of every descendant seen of the active run
+
+
+def _kill_tracked(procs: dict[int, float], sig: int = signal.SIGKILL) -> int:
+    """Kill the given processes (pid, create_time) that are still alive; returns how many."""
+    victims = []
+    for pid, created in procs.items():
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) > 0.5:  # pid reused by someone else
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            proc.send_signal(sig)
+            victims.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(victims, timeout=10)
+    return len(victims)
+
+
+def cleanup_active() -> None:
+    for proc in list(_ACTIVE.values()):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    _kill_tracked(dict(_TRACKED))
+    _ACTIVE.clear()
+    _TRACKED.clear()
+
+
+def run_subprocess(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    timeout_s: float,
+    sample_rss: bool = False,
+    cwd: Path | None = None,
+) -> Run:
+    """Run `cmd` in its own session; time it, keep its output in `log_path`, reap what it leaves."""
+    run = Run(name=name, log_path=str(log_path))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w", encoding="utf-8", errors="replace")
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    run.launched_at = time.time()
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(cwd or REPO),
+        start_new_session=True, text=True, errors="replace", bufsize=1,
+    )
+    _ACTIVE[proc.pid] = proc
+    seen: dict[int, float] = {}
+    try:
+        seen[proc.pid] = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        pass
+    _TRACKED.clear()
+    _TRACKED.update(seen)
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(f"[{time.monotonic() - started:8.2f}] {line}")
+            if line.startswith(MARKER):
+                try:
+                    run.markers.append(json.loads(line[len(MARKER):]))
+                except json.JSONDecodeError:
+                    pass
+            run.tail.append(line.rstrip("\n"))
+            if len(run.tail) > 60:
+                del run.tail[:20]
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        driver = psutil.Process(proc.pid)
+    except psutil.Error:
+        driver = None
+    try:
+        while proc.poll() is None:
+            now = time.monotonic() - started
+            if now > timeout_s:
+                run.timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            if driver is not None:
+                try:
+                    if sample_rss:
+                        run.rss_samples.append((round(now, 2), driver.memory_info().rss))
+                    for child in driver.children(recursive=True):
+                        try:
+                            seen.setdefault(child.pid, child.create_time())
+                        except psutil.Error:
+                            continue
+                    _TRACKED.update(seen)
+                except psutil.Error:
+                    pass
+            time.sleep(SAMPLE_EVERY_S)
+        proc.wait()
+        run.wall_s = time.monotonic() - started
+        run.returncode = proc.returncode
+    finally:
+        thread.join(timeout=10)
+        _ACTIVE.pop(proc.pid, None)
+        seen.pop(proc.pid, None)
+        # Whatever the run started and left behind (Ray GCS/raylet/workers, vLLM EngineCore): kill it.
+        time.sleep(1.0)
+        run.leftovers_killed = _kill_tracked(seen)
+        run.descendants_seen = len(seen)
+        _TRACKED.clear()
+        log.write(f"# exit {run.returncode} after {run.wall_s:.2f} s; leftovers killed: {run.leftovers_killed}\n")
+        log.close()
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs.
+# --------------------------------------------------------------------------------------------
+
+COLOURS = ["red", "blue", "green", "teal", "orange", "purple", "yellow", "grey", "black", "white"]
+TEMPLATES = [
+    "Is {c} warm or cool?",
+    "Name one thing that is {c}.",
+    "Describe the colour {c} in one word.",
+    "Translate {c} to French, please.",
+    "What rhymes with {c}? Give two words.",
+    "Write a short line about a {c} house, number {i}.",
+    "Count from {i} to {j} and stop.",
+    "Say hello to user {i} who likes {c}.",
+]
+
+
+def write_requests(path: Path, rows: int, max_tokens: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(rows):
+            template = rng.choice(TEMPLATES)
+            content = template.format(c=rng.choice(COLOURS), i=i, j=i + rng.randint(1, 9))
+            record = {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": content}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                },
+            }
+            out.write(json.dumps(record) + "\n")
+
+
+def write_config(path: Path, input_path: Path, output: Path, model: Path, max_tokens: int) -> None:
+    import yaml
+
+    config = {
+        "input": str(input_path),
+        "output": str(output),
+        "model": {
+            "source": str(model),
+            "id": "tiny",
+            "engine": "vllm",
+            "engine_kwargs": {"max_model_len": MAX_MODEL_LEN},
+            "concurrency": CONCURRENCY,
+            "batch_size": BATCH_SIZE,
+        },
+        "sampling": {"temperature": 0.0, "max_tokens": max_tokens},
+        "max_error_rate": 0.05,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="60",
+        PYTHONUNBUFFERED="1",
+        # The CLI sets this itself (setdefault); the same for the other two keeps logging equal.
+        VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    )
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# The three systems.
+# --------------------------------------------------------------------------------------------
+
+
+def _failure(run: Run, what: str) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "error": what,
+        "returncode": run.returncode,
+        "timed_out": run.timed_out,
+        "wall_s": round(run.wall_s, 3),
+        "log": run.log_path,
+        "tail": run.tail[-25:],
+    }
+
+
+def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path,
+             tag: str, timeout_s: float, sample_rss: bool = False) -> tuple[dict[str, Any], Run]:
+    output = work / f"out-ours-{tag}"
+    config = work / f"ours-{tag}.yaml"
+    write_config(config, requests, output, model, max_tokens)
+    cmd = [str(RAYLLM), "batch", str(config), "--no-progress", "--overwrite"]
+    run = run_subprocess(f"ours-{tag}", cmd, subprocess_env(), logs / f"ours-{tag}.log", timeout_s, sample_rss)
+    manifest_path = output / "manifest.json"
+    if run.returncode != 0 or not manifest_path.exists():
+        return _failure(run, f"rayllm batch exited {run.returncode}; manifest present: {manifest_path.exists()}"), run
+    manifest = json.loads(manifest_path.read_text())
+    timings = manifest.get("timings", {})
+    throughput = manifest.get("throughput", {})
+    counts = manifest.get("counts", {})
+    first_result_s = timings.get("first_result_s")
+    started_at = timings.get("started_at")
+    # started_at is when prepare() created the job (just before execute() starts), first_result_s
+    # runs from execute()'s start: their sum is a lower bound of the first result's wall-clock time.
+    startup = None
+    if first_result_s is not None and started_at is not None:
+        startup = started_at + first_result_s - run.launched_at
+    results_file = output / "results.jsonl"
+    result_lines = _count_lines(results_file) if results_file.exists() else None
+    return {
+        "ok": True,
+        "command": " ".join(cmd),
+        "wall_s": round(run.wall_s, 3),
+        "startup_s": round(startup, 3) if startup is not None else None,
+        "rows": counts.get("total"),
+        "rows_ok": counts.get("completed"),
+        "rows_failed": counts.get("failed"),
+        "expected_rows": rows,
+        "results_lines": result_lines,
+        "tokens_out": throughput.get("tokens_out"),
+        "tokens_in": throughput.get("tokens_in"),
+        "manifest_timings": timings,
+        "manifest_throughput": throughput,
+        "manifest_counts": counts,
+        "manifest_attempts": manifest.get("attempts"),
+        "leftovers_killed": run.leftovers_killed,
+        "log": run.log_path,
+    }, run
+
+
+def run_peer(work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path,
+             tag: str, timeout_s: float) -> dict[str, Any]:
+    script = work / "raw_ray_data_llm.py"
+    script.write_text(RAW_RAY_DATA_LLM % dict(
+        num_cpus=NUM_CPUS, max_model_len=MAX_MODEL_LEN, gpu_mem=GPU_MEMORY_UTILIZATION,
+        concurrency=CONCURRENCY, batch_size=BATCH_SIZE,
+    ))
+    out = work / f"out-peer-{tag}.jsonl"
+    cmd = [str(PYTHON), str(script), str(requests), str(model), str(out), str(max_tokens)]
+    run = run_subprocess(f"peer-{tag}", cmd, subprocess_env(), logs / f"peer-{tag}.log", timeout_s)
+    if run.returncode != 0 or not run.markers:
+        return _failure(run, f"raw Ray Data LLM script exited {run.returncode}")
+    data = run.markers[-1]
+    marks = data["marks"]
+    startup = marks["first_result"] - run.launched_at if "first_result" in marks else None
+    return {
+        "ok": True,
+        "command": " ".join(cmd),
+        "wall_s": round(run.wall_s, 3),
+        "startup_s": round(startup, 3) if startup is not None else None,
+        "rows": data["rows"],
+        "rows_ok": data["rows"],
+        "rows_failed": rows - data["rows"],
+        "expected_rows": rows,
+        "unique_ids": data["unique_ids"],
+        "tokens_out": data["tokens_out"],
+        "tokens_in": data["tokens_in"],
+        "marks_rel_launch_s": {k: round(v - run.launched_at, 3) for k, v in marks.items()},
+        "leftovers_killed": run.leftovers_killed,
+        "log": run.log_path,
+    }
+
+
+def run_vllm(work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path,
+             tag: str, timeout_s: float) -> dict[str, Any]:
+    script = work / "vllm_run_batch_timed.py"
+    script.write_text(VLLM_RUN_BATCH_TIMED)
+    out = work / f"out-vllm-{tag}.jsonl"
+    cmd = [
+        str(PYTHON), str(script), "-i", str(requests), "-o", str(out), "--model", str(model),
+        "--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
+        "--gpu-memory-utilization", str(GPU_MEMORY_UTILIZATION),
+    ]
+    run = run_subprocess(f"vllm-{tag}", cmd, subprocess_env(), logs / f"vllm-{tag}.log", timeout_s)
+    if run.returncode != 0 or not out.exists():
+        return _failure(run, f"vLLM run_batch exited {run.returncode}; output present: {out.exists()}")
+    ok = failed = tokens_out = tokens_in = 0
+    with open(out, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            response = record.get("response") or {}
+            body = response.get("body") or {}
+            if record.get("error") or response.get("status_code", 200) != 200 or not body:
+                failed += 1
+                continue
+            ok += 1
+            usage = body.get("usage") or {}
+            tokens_out += int(usage.get("completion_tokens") or 0)
+            tokens_in += int(usage.get("prompt_tokens") or 0)
+    marks = run.markers[-1]["marks"] if run.markers else {}
+    startup = marks["first_result"] - run.launched_at if "first_result" in marks else None
+    return {
+        "ok": True,
+        "command": " ".join(cmd),
+        "equivalent_to": "python -m vllm.entrypoints.openai.run_batch " + " ".join(cmd[3:]),
+        "wall_s": round(run.wall_s, 3),
+        "startup_s": round(startup, 3) if startup is not None else None,
+        "rows": ok + failed,
+        "rows_ok": ok,
+        "rows_failed": failed,
+        "expected_rows": rows,
+        "tokens_out": tokens_out,
+        "tokens_in": tokens_in,
+        "marks_rel_launch_s": {k: round(v - run.launched_at, 3) for k, v in marks.items()},
+        "leftovers_killed": run.leftovers_killed,
+        "log": run.log_path,
+    }
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+# --------------------------------------------------------------------------------------------
+
+LABELS = {
+    "ours": "(a) ours: rayllm batch (Prefect flow)",
+    "peer": "(b) peer: raw Ray Data LLM",
+    "vllm": "(c) vLLM run_batch (one process)",
+}
+DEFINITIONS = [
+    "wall = subprocess launch -> exit, timed by the harness (interpreter, imports, Prefect server, Ray, "
+    "engine start, inference, writing outputs, shutdown).",
+    "start-up = subprocess launch -> first result available: (a) the flow's first result row in the "
+    "driver (manifest timings.started_at + timings.first_result_s, a slight lower bound), (b) the first "
+    "row out of Dataset.iter_rows(), (c) the first request completed by vLLM's engine client.",
+    "steady = wall - start-up (start excluded). rows/s and tokens/s divide rows / output tokens by wall "
+    "or steady.",
+    "ratio = seconds of (a) / seconds of the peer: above 1 means ours took longer.",
+]
+
+
+def derive(result: dict[str, Any]) -> None:
+    if not result.get("ok"):
+        return
+    wall = result["wall_s"]
+    startup = result.get("startup_s")
+    steady = wall - startup if startup is not None else None
+    result["steady_s"] = round(steady, 3) if steady is not None else None
+    rows = result.get("rows_ok") or 0
+    tokens = result.get("tokens_out") or 0
+    result["rows_per_s"] = round(rows / wall, 2) if wall else None
+    result["tokens_per_s"] = round(tokens / wall, 2) if wall else None
+    result["rows_per_s_steady"] = round(rows / steady, 2) if steady else None
+    result["tokens_per_s_steady"] = round(tokens / steady, 2) if steady else None
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ours = results.get("ours", {})
+    for peer in ("peer", "vllm"):
+        other = results.get(peer, {})
+        if not (ours.get("ok") and other.get("ok")):
+            continue
+        entry = {"wall_incl_start": round(ours["wall_s"] / other["wall_s"], 3)}
+        if ours.get("steady_s") and other.get("steady_s"):
+            entry["steady_excl_start"] = round(ours["steady_s"] / other["steady_s"], 3)
+        out[f"ours/{peer}"] = entry
+    return out
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) -> str:
+    header = ["system", "rows ok/total", "out tokens", "wall s (incl. start)", "start-up s", "steady s (excl. start)",
+              "rows/s incl.", "rows/s steady", "out tok/s incl.", "out tok/s steady"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in ("ours", "peer", "vllm"):
+        r = results.get(key)
+        if r is None:
+            continue
+        if not r.get("ok"):
+            lines.append(f"| {LABELS[key]} | FAILED: {r.get('error')} | " + " | ".join(["-"] * (len(header) - 2)) + " |")
+            continue
+        lines.append("| " + " | ".join([
+            LABELS[key], f"{r.get('rows_ok')}/{r.get('rows')}", _fmt(r.get("tokens_out")), _fmt(r["wall_s"]),
+            _fmt(r.get("startup_s")), _fmt(r.get("steady_s")), _fmt(r.get("rows_per_s")),
+            _fmt(r.get("rows_per_s_steady")), _fmt(r.get("tokens_per_s")), _fmt(r.get("tokens_per_s_steady")),
+        ]) + " |")
+    text = "\n".join(lines)
+    if ratio:
+        text += "\n\n| ratio (seconds, ours / peer) | incl. start | excl. start |\n|---|---|---|\n"
+        text += "\n".join(
+            f"| {name} | {_fmt(v.get('wall_incl_start'), 3)} | {_fmt(v.get('steady_excl_start'), 3)} |"
+            for name, v in ratio.items()
+        )
+    return text
+
+
+def rss_summary(samples: list[tuple[float, int]], wall: float) -> dict[str, Any]:
+    if not samples:
+        return {}
+    gib = 1024 ** 3
+
+    def at(fraction: float) -> dict[str, float]:
+        target = fraction * wall
+        t, rss = min(samples, key=lambda s: abs(s[0] - target))
+        return {"t_s": t, "rss_mib": round(rss / 2 ** 20, 1)}
+
+    peak_t, peak = max(samples, key=lambda s: s[1])
+    return {
+        "samples": len(samples),
+        "interval_s": SAMPLE_EVERY_S,
+        "peak_rss_mib": round(peak / 2 ** 20, 1),
+        "peak_rss_gib": round(peak / gib, 3),
+        "peak_at_s": peak_t,
+        "at_10pct": at(0.10),
+        "at_50pct": at(0.50),
+        "at_90pct": at(0.90),
+        "under_2_gib": peak < 2 * gib,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(path: Path) -> Path:
+    sys.path.insert(0, str(REPO))
+    from rayllm_stages.tiny_models import build_tiny_chat_model
+
+    return Path(build_tiny_chat_model(path, trained=False))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2000, help="requests in the comparison file")
+    parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens for every request")
+    parser.add_argument("--rss-rows", type=int, default=100_000, help="requests in the RSS check (max_tokens 1)")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the RSS check")
+    parser.add_argument("--skip-compare", action="store_true", help="only the RSS check")
+    parser.add_argument("--systems", default="ours,peer,vllm", help="which of ours,peer,vllm to run, in order")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="skip the unmeasured 32-row run of each system (it fills vLLM's compile cache)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured subprocess")
+    parser.add_argument("--rss-timeout", type=float, default=3600, help="seconds for the RSS run")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temp work dir (inputs, outputs)")
+    args = parser.parse_args()
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(LABELS)
+    if unknown:
+        parser.error(f"unknown systems: {sorted(unknown)}")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    logs = RESULTS / "logs"
+    work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+    report: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
+                    "load_avg_at_start": os.getloadavg()},
+        "settings": {"rows": args.rows, "max_tokens": args.max_tokens, "temperature": 0.0,
+                     "max_model_len": MAX_MODEL_LEN, "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
+                     "concurrency": CONCURRENCY, "batch_size": BATCH_SIZE, "ray_num_cpus_peer": NUM_CPUS,
+                     "warmup": not args.no_warmup},
+        "definitions": DEFINITIONS,
+    }
+    exit_code = 0
+    try:
+        print(f"work dir: {work}", flush=True)
+        model = RESULTS / "model"
+        t = time.monotonic()
+        build_model(model)
+        print(f"model: {model} (built in {time.monotonic() - t:.1f} s)", flush=True)
+        runners = {"ours": lambda *a: run_ours(*a)[0], "peer": run_peer, "vllm": run_vllm}
+
+        if not args.skip_compare:
+            requests = work / "requests.jsonl"
+            write_requests(requests, args.rows, args.max_tokens)
+            if not args.no_warmup:
+                warm = work / "warmup.jsonl"
+                write_requests(warm, 32, args.max_tokens, seed=1)
+                report["warmup"] = {}
+                for name in systems:
+                    print(f"warm-up (not measured): {name} ...", flush=True)
+                    r = runners[name](work, warm, model, args.max_tokens, 32, logs, "warmup", args.timeout)
+                    report["warmup"][name] = {"ok": r.get("ok"), "wall_s": r.get("wall_s"), "error": r.get("error")}
+                    print(f"  {name}: {'ok' if r.get('ok') else 'FAILED'} in {r.get('wall_s', 0):.1f} s", flush=True)
+            results: dict[str, dict[str, Any]] = {}
+            for name in systems:
+                print(f"measuring {LABELS[name]} on {args.rows} rows ...", flush=True)
+                r = runners[name](work, requests, model, args.max_tokens, args.rows, logs, "measure", args.timeout)
+                derive(r)
+                results[name] = r
+                if r.get("ok"):
+                    print(f"  wall {r['wall_s']:.1f} s, start-up {_fmt(r.get('startup_s'))} s, "
+                          f"{r.get('rows_ok')} rows ok, {r.get('tokens_out')} output tokens", flush=True)
+                else:
+                    exit_code = 1
+                    print(f"  FAILED: {r.get('error')} (log {r.get('log')})", flush=True)
+                    print("  " + "\n  ".join(r.get("tail", [])[-15:]), flush=True)
+            ratio = ratios(results)
+            table = markdown_table(results, ratio)
+            report["results"] = results
+            report["ratios"] = ratio
+            report["table_md"] = table
+            print("\nDefinitions:\n- " + "\n- ".join(DEFINITIONS), flush=True)
+            if "ours" in results and results["ours"].get("ok"):
+                timings = results["ours"]["manifest_timings"]
+                print(f"- (a) manifest: timings.wall_s={timings.get('wall_s')} (execute attempts, inside the job), "
+                      f"timings.first_result_s={timings.get('first_result_s')} (execute start -> first result)")
+            print("\n" + table + "\n", flush=True)
+
+        if not args.skip_rss:
+            rss_input = work / "rss-requests.jsonl"
+            write_requests(rss_input, args.rss_rows, 1, seed=2)
+            print(f"RSS check: {args.rss_rows} requests (max_tokens 1) through (a), "
+                  f"sampling the driver's RSS every {SAMPLE_EVERY_S} s ...", flush=True)
+            r, run = run_ours(work, rss_input, model, 1, args.rss_rows, logs, "rss", args.rss_timeout, sample_rss=True)
+            summary = rss_summary(run.rss_samples, run.wall_s)
+            rss_report = {
+                "rows": args.rss_rows,
+                "ok": r.get("ok"),
+                "error": r.get("error"),
+                "wall_s": round(run.wall_s, 3),
+                "timed_out": run.timed_out,
+                "rows_ok": r.get("rows_ok"),
+                "rows_failed": r.get("rows_failed"),
+                "manifest_timings": r.get("manifest_timings"),
+                **summary,
+                "series_mib": [(t, round(b / 2 ** 20, 1)) for t, b in run.rss_samples],
+            }
+            report["rss"] = rss_report
+            if not r.get("ok"):
+                exit_code = 1
+                print(f"  FAILED: {r.get('error')} (log {r.get('log')})", flush=True)
+                print("  " + "\n  ".join(r.get("tail", [])[-15:]), flush=True)
+            if summary:
+                print(f"  wall {run.wall_s:.1f} s, {r.get('rows_ok')} rows ok; driver RSS peak "
+                      f"{summary['peak_rss_mib']} MiB at {summary['peak_at_s']} s; at 10% {summary['at_10pct']['rss_mib']}, "
+                      f"50% {summary['at_50pct']['rss_mib']}, 90% {summary['at_90pct']['rss_mib']} MiB; "
+                      f"under 2 GiB: {summary['under_2_gib']}", flush=True)
+    except KeyboardInterrupt:
+        exit_code = 130
+        report["interrupted"] = True
+        print("interrupted", flush=True)
+    finally:
+        cleanup_active()
+        report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        report["machine"]["load_avg_at_end"] = os.getloadavg()
+        (RESULTS / "batch.json").write_text(json.dumps(report, indent=2, default=str))
+        (RESULTS / "batch.md").write_text(render_markdown(report))
+        print(f"wrote {RESULTS / 'batch.json'} and {RESULTS / 'batch.md'}", flush=True)
+        if args.keep_work:
+            print(f"kept work dir {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return exit_code
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    parts = [
+        f"# Batch benchmark ({report['started_at']})",
+        "",
+        f"{s['rows']} OpenAI Batch chat requests, temperature 0, max_tokens {s['max_tokens']}, tiny untrained Llama "
+        f"(bench/results/model), vLLM CPU, max_model_len {s['max_model_len']}, gpu_memory_utilization "
+        f"{s['gpu_memory_utilization']}, concurrency {s['concurrency']}, batch_size {s['batch_size']}. "
+        f"Machine: {report['machine']['cpus']} CPUs, {report['machine']['ram_gib']} GiB; load average at start "
+        f"{tuple(round(x, 2) for x in report['machine']['load_avg_at_start'])}. Warm-up run per system: {s['warmup']}.",
+        "",
+        "Definitions:",
+        *[f"- {d}" for d in report["definitions"]],
+        "",
+    ]
+    if "table_md" in report:
+        parts += [report["table_md"], ""]
+    rss = report.get("rss")
+    if rss:
+        parts += [
+            f"## Driver RSS, {rss['rows']} requests (max_tokens 1) through (a)",
+            "",
+            f"ok: {rss.get('ok')}, wall {rss.get('wall_s')} s, rows ok {rss.get('rows_ok')}, "
+            f"peak {rss.get('peak_rss_mib')} MiB at {rss.get('peak_at_s')} s, "
+            f"10%: {rss.get('at_10pct')}, 50%: {rss.get('at_50pct')}, 90%: {rss.get('at_90pct')}, "
+            f"under 2 GiB: {rss.get('under_2_gib')}",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        cleanup_active()
