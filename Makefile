@@ -24,8 +24,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/rayllm demo
 
+# pytest's exit 5 (no tests collected) is a broken suite, not a pass.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

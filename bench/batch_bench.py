@@ -137,7 +137,9 @@ def main():
     original_run_batch = rb.run_batch
 
     def completed(self):
-        marks.setdefault("first_result", time.time())
+        now = time.time()
+        marks.setdefault("first_result", now)
+        marks["last_result"] = now
         return original_completed(self)
 
     async def run_batch(engine_client, args):
@@ -174,6 +176,7 @@ class Run:
     markers: list[dict[str, Any]] = field(default_factory=list)
     tail: list[str] = field(default_factory=list)
     rss_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since launch, bytes)
+    load_samples: list[float] = field(default_factory=list)  # 1-minute load average while it ran
     descendants_seen: int = 0
     leftovers_killed: int = 0
     log_path: str = ""
@@ -268,6 +271,7 @@ def run_subprocess(
                 run.timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
+            run.load_samples.append(os.getloadavg()[0])
             if driver is not None:
                 try:
                     if sample_rss:
@@ -381,6 +385,7 @@ def _failure(run: Run, what: str) -> dict[str, Any]:
         "returncode": run.returncode,
         "timed_out": run.timed_out,
         "wall_s": round(run.wall_s, 3),
+        "load_avg_1m_during": _load(run),
         "log": run.log_path,
         "tail": run.tail[-25:],
     }
@@ -407,6 +412,9 @@ def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
     startup = None
     if first_result_s is not None and started_at is not None:
         startup = started_at + first_result_s - run.launched_at
+    window = None
+    if first_result_s is not None and timings.get("wall_s") is not None:
+        window = timings["wall_s"] - first_result_s  # execute start -> last commit, minus -> first result
     results_file = output / "results.jsonl"
     result_lines = _count_lines(results_file) if results_file.exists() else None
     return {
@@ -414,6 +422,7 @@ def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "command": " ".join(cmd),
         "wall_s": round(run.wall_s, 3),
         "startup_s": round(startup, 3) if startup is not None else None,
+        "first_to_last_s": round(window, 3) if window is not None else None,
         "rows": counts.get("total"),
         "rows_ok": counts.get("completed"),
         "rows_failed": counts.get("failed"),
@@ -426,6 +435,7 @@ def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "manifest_counts": counts,
         "manifest_attempts": manifest.get("attempts"),
         "leftovers_killed": run.leftovers_killed,
+        "load_avg_1m_during": _load(run),
         "log": run.log_path,
     }, run
 
@@ -445,11 +455,13 @@ def run_peer(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
     data = run.markers[-1]
     marks = data["marks"]
     startup = marks["first_result"] - run.launched_at if "first_result" in marks else None
+    window = marks["last_result"] - marks["first_result"] if "first_result" in marks else None
     return {
         "ok": True,
         "command": " ".join(cmd),
         "wall_s": round(run.wall_s, 3),
         "startup_s": round(startup, 3) if startup is not None else None,
+        "first_to_last_s": round(window, 3) if window is not None else None,
         "rows": data["rows"],
         "rows_ok": data["rows"],
         "rows_failed": rows - data["rows"],
@@ -459,6 +471,7 @@ def run_peer(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "tokens_in": data["tokens_in"],
         "marks_rel_launch_s": {k: round(v - run.launched_at, 3) for k, v in marks.items()},
         "leftovers_killed": run.leftovers_killed,
+        "load_avg_1m_during": _load(run),
         "log": run.log_path,
     }
 
@@ -493,12 +506,14 @@ def run_vllm(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
             tokens_in += int(usage.get("prompt_tokens") or 0)
     marks = run.markers[-1]["marks"] if run.markers else {}
     startup = marks["first_result"] - run.launched_at if "first_result" in marks else None
+    window = marks["last_result"] - marks["first_result"] if "last_result" in marks else None
     return {
         "ok": True,
         "command": " ".join(cmd),
         "equivalent_to": "python -m vllm.entrypoints.openai.run_batch " + " ".join(cmd[3:]),
         "wall_s": round(run.wall_s, 3),
         "startup_s": round(startup, 3) if startup is not None else None,
+        "first_to_last_s": round(window, 3) if window is not None else None,
         "rows": ok + failed,
         "rows_ok": ok,
         "rows_failed": failed,
@@ -507,8 +522,16 @@ def run_vllm(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "tokens_in": tokens_in,
         "marks_rel_launch_s": {k: round(v - run.launched_at, 3) for k, v in marks.items()},
         "leftovers_killed": run.leftovers_killed,
+        "load_avg_1m_during": _load(run),
         "log": run.log_path,
     }
+
+
+def _load(run: Run) -> dict[str, float | None]:
+    samples = run.load_samples
+    if not samples:
+        return {"mean": None, "max": None}
+    return {"mean": round(sum(samples) / len(samples), 2), "max": round(max(samples), 2)}
 
 
 def _count_lines(path: Path) -> int:
@@ -531,8 +554,11 @@ DEFINITIONS = [
     "start-up = subprocess launch -> first result available: (a) the flow's first result row in the "
     "driver (manifest timings.started_at + timings.first_result_s, a slight lower bound), (b) the first "
     "row out of Dataset.iter_rows(), (c) the first request completed by vLLM's engine client.",
-    "steady = wall - start-up (start excluded). rows/s and tokens/s divide rows / output tokens by wall "
-    "or steady.",
+    "steady = wall - start-up (start excluded; still holds writing the outputs and process shutdown). "
+    "rows/s and tokens/s divide rows / output tokens by wall or steady.",
+    "first->last = first result -> last result (a: manifest timings.wall_s - timings.first_result_s, i.e. "
+    "to the last committed part; b: last row out of iter_rows; c: last request completed), shown for "
+    "information: the pure inference window, without start-up, output merge or shutdown.",
     "ratio = seconds of (a) / seconds of the peer: above 1 means ours took longer.",
 ]
 
@@ -576,7 +602,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) -> str:
     header = ["system", "rows ok/total", "out tokens", "wall s (incl. start)", "start-up s", "steady s (excl. start)",
-              "rows/s incl.", "rows/s steady", "out tok/s incl.", "out tok/s steady"]
+              "first->last s", "rows/s incl.", "rows/s steady", "out tok/s incl.", "out tok/s steady"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in ("ours", "peer", "vllm"):
         r = results.get(key)
@@ -587,7 +613,7 @@ def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) ->
             continue
         lines.append("| " + " | ".join([
             LABELS[key], f"{r.get('rows_ok')}/{r.get('rows')}", _fmt(r.get("tokens_out")), _fmt(r["wall_s"]),
-            _fmt(r.get("startup_s")), _fmt(r.get("steady_s")), _fmt(r.get("rows_per_s")),
+            _fmt(r.get("startup_s")), _fmt(r.get("steady_s")), _fmt(r.get("first_to_last_s")), _fmt(r.get("rows_per_s")),
             _fmt(r.get("rows_per_s_steady")), _fmt(r.get("tokens_per_s")), _fmt(r.get("tokens_per_s_steady")),
         ]) + " |")
     text = "\n".join(lines)
@@ -695,7 +721,8 @@ def main() -> int:
                 results[name] = r
                 if r.get("ok"):
                     print(f"  wall {r['wall_s']:.1f} s, start-up {_fmt(r.get('startup_s'))} s, "
-                          f"{r.get('rows_ok')} rows ok, {r.get('tokens_out')} output tokens", flush=True)
+                          f"{r.get('rows_ok')} rows ok, {r.get('tokens_out')} output tokens; "
+                          f"1-min load average during the run {r['load_avg_1m_during']}", flush=True)
                 else:
                     exit_code = 1
                     print(f"  FAILED: {r.get('error')} (log {r.get('log')})", flush=True)
@@ -725,6 +752,7 @@ def main() -> int:
                 "error": r.get("error"),
                 "wall_s": round(run.wall_s, 3),
                 "timed_out": run.timed_out,
+                "load_avg_1m_during": _load(run),
                 "rows_ok": r.get("rows_ok"),
                 "rows_failed": r.get("rows_failed"),
                 "manifest_timings": r.get("manifest_timings"),

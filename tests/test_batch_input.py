@@ -96,3 +96,12 @@ def test_template_is_sandboxed(tmp_path):
 def test_missing_input_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         check_input(_config(tmp_path / "nope.jsonl"))
+
+
+def test_example_inputs_fit_their_configs(monkeypatch):
+    from conftest import REPO
+    from rayllm_stages.config import load_config
+
+    monkeypatch.chdir(REPO)
+    for name, expected in (("batch-openai.yaml", "openai_batch"), ("batch-table.yaml", "jsonl")):
+        assert check_input(load_config(BatchJobConfig, REPO / "examples" / name)) == expected

@@ -77,3 +77,11 @@ def test_unknown_processor_kwarg_is_rejected_by_ray():
     config = validate_config(BatchJobConfig, {**BASE, "model": {"source": "./m", "processor_kwargs": {"apply_chat_template": True}}})
     with pytest.raises(ValidationError, match="apply_chat_template"):
         vllm_processor_config(config.model, gpu=False)
+
+
+def test_example_configs_are_valid():
+    from conftest import REPO
+
+    for path in sorted((REPO / "examples").glob("batch-*.yaml")):
+        config = load_config(BatchJobConfig, path)
+        assert config.model.source, path
