@@ -33,7 +33,12 @@ from .storage import Location
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
-BLOCK_ROWS = 256
+
+
+def rows_per_block(batch_size: int) -> int:
+    """Small input blocks: Ray Data hands results back a block at a time, so block size is how
+    often rows reach the driver (progress, commits); two engine batches per block keeps it fine."""
+    return max(8, min(1024, 2 * batch_size))
 
 
 class ResumeRefused(ConfigError):
@@ -131,6 +136,7 @@ class BatchJob:
                 on_progress(finished, total)
 
         refs, buffer, pending = [], [], 0
+        block_rows = rows_per_block(self.config.model.batch_size)
         try:
             for item in read_requests(self.config, job["input_format"]):
                 if item.index in done:
@@ -142,7 +148,7 @@ class BatchJob:
                     continue
                 buffer.append(item)
                 pending += 1
-                if len(buffer) == BLOCK_ROWS:
+                if len(buffer) == block_rows:
                     refs.append(ray.put(_to_arrow(buffer)))
                     buffer = []
             if buffer:

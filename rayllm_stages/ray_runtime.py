@@ -126,17 +126,22 @@ def _alive(pid: int, created: float) -> bool:
         return False
 
 
-def _kill_session(session_dir: str) -> int:
-    """Kill every process started for one Ray session, children (workers, vLLM engines) included."""
-    roots = []
+def session_processes(session_dir: str) -> list[psutil.Process]:
+    """The processes whose command line names this Ray session's folder (GCS, raylet, monitors)."""
+    found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if any(session_dir in part for part in proc.info["cmdline"] or []):
-                roots.append(proc)
+                found.append(proc)
         except psutil.Error:
             continue
+    return found
+
+
+def _kill_session(session_dir: str) -> int:
+    """Kill every process started for one Ray session, children (workers, vLLM engines) included."""
     victims: dict[int, psutil.Process] = {}
-    for root in roots:
+    for root in session_processes(session_dir):
         try:
             for proc in [root, *root.children(recursive=True)]:
                 victims[proc.pid] = proc

@@ -52,17 +52,6 @@ def _still_running(proc: psutil.Process) -> bool:
         return False
 
 
-def _session_processes(session_dir: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(session_dir in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, prefect_server, ray_session, tiny_models):
     source = tmp_path / "requests.jsonl"
@@ -99,7 +88,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, prefect_server, r
     log, _ = second.communicate(timeout=900)
     assert second.returncode == 0, log
 
-    assert not _session_processes(session_dir), "the dead driver's Ray cluster is still running"
+    assert not ray_runtime.session_processes(session_dir), "the dead driver's Ray cluster is still running"
     survivors = [p for p in left_behind if _still_running(p)]
     assert not survivors, f"processes of the killed run still alive: {survivors}"
     assert _answers(output / "results.jsonl") == _answers(tmp_path / "reference" / "results.jsonl")
