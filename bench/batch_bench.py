@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 RAYLLM = REPO / ".venv" / "bin" / "rayllm"
 SAMPLE_EVERY_S = 0.5
 MARKER = "BENCH_JSON "
+LINGER_S = 10.0  # how long a run's processes may outlive it before the harness kills them
 
 # Same engine and sampling settings in all three systems.
 MAX_MODEL_LEN = 256
@@ -175,10 +177,11 @@ class Run:
     timed_out: bool = False
     markers: list[dict[str, Any]] = field(default_factory=list)
     tail: list[str] = field(default_factory=list)
-    rss_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since launch, bytes)
+    rss_samples: list[tuple[float, int, int]] = field(default_factory=list)  # (s since launch, rss, shared) bytes
     load_samples: list[float] = field(default_factory=list)  # 1-minute load average while it ran
     descendants_seen: int = 0
-    leftovers_killed: int = 0
+    alive_1s_after_exit: list[str] = field(default_factory=list)
+    leftovers_killed: list[str] = field(default_factory=list)  # still alive LINGER_S after the exit
     log_path: str = ""
 
 
@@ -186,9 +189,9 @@ _ACTIVE: dict[int, subprocess.Popen] = {}
 _TRACKED: dict[int, float] = {}  # pid -> create_time of every descendant seen of the active run
 
 
-def _kill_tracked(procs: dict[int, float], sig: int = signal.SIGKILL) -> int:
-    """Kill the given processes (pid, create_time) that are still alive; returns how many."""
-    victims = []
+def _kill_tracked(procs: dict[int, float], sig: int = signal.SIGKILL) -> list[str]:
+    """Kill the given processes (pid -> create_time) that are still alive; returns "pid name" of each."""
+    victims, names = [], []
     for pid, created in procs.items():
         try:
             proc = psutil.Process(pid)
@@ -196,12 +199,26 @@ def _kill_tracked(procs: dict[int, float], sig: int = signal.SIGKILL) -> int:
                 continue
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
+            name = f"{pid} {(' '.join(proc.cmdline()) or proc.name())[:80].strip()}"
             proc.send_signal(sig)
             victims.append(proc)
+            names.append(name)
         except psutil.Error:
             continue
     psutil.wait_procs(victims, timeout=10)
-    return len(victims)
+    return names
+
+
+def _alive_names(procs: dict[int, float]) -> list[str]:
+    names = []
+    for pid, created in procs.items():
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) <= 0.5 and proc.status() != psutil.STATUS_ZOMBIE:
+                names.append(f"{pid} {(' '.join(proc.cmdline()) or proc.name())[:80].strip()}")
+        except psutil.Error:
+            continue
+    return names
 
 
 def cleanup_active() -> None:
@@ -275,7 +292,8 @@ def run_subprocess(
             if driver is not None:
                 try:
                     if sample_rss:
-                        run.rss_samples.append((round(now, 2), driver.memory_info().rss))
+                        mem = driver.memory_info()
+                        run.rss_samples.append((round(now, 2), mem.rss, getattr(mem, "shared", 0)))
                     for child in driver.children(recursive=True):
                         try:
                             seen.setdefault(child.pid, child.create_time())
@@ -292,12 +310,18 @@ def run_subprocess(
         thread.join(timeout=10)
         _ACTIVE.pop(proc.pid, None)
         seen.pop(proc.pid, None)
-        # Whatever the run started and left behind (Ray GCS/raylet/workers, vLLM EngineCore): kill it.
+        # Whatever the run started and left behind (Ray GCS/raylet/workers, vLLM EngineCore): note what
+        # is still alive 1 s after the exit, give it LINGER_S to go away by itself, then kill it.
+        exited = time.monotonic()
         time.sleep(1.0)
+        run.alive_1s_after_exit = _alive_names(seen)
+        while _alive_names(seen) and time.monotonic() - exited < LINGER_S:
+            time.sleep(0.5)
         run.leftovers_killed = _kill_tracked(seen)
         run.descendants_seen = len(seen)
         _TRACKED.clear()
-        log.write(f"# exit {run.returncode} after {run.wall_s:.2f} s; leftovers killed: {run.leftovers_killed}\n")
+        log.write(f"# exit {run.returncode} after {run.wall_s:.2f} s; alive 1 s after exit: {run.alive_1s_after_exit}; "
+                  f"killed {LINGER_S:.0f} s after exit: {run.leftovers_killed}\n")
         log.close()
     return run
 
@@ -434,6 +458,7 @@ def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "manifest_throughput": throughput,
         "manifest_counts": counts,
         "manifest_attempts": manifest.get("attempts"),
+        "alive_1s_after_exit": run.alive_1s_after_exit,
         "leftovers_killed": run.leftovers_killed,
         "load_avg_1m_during": _load(run),
         "log": run.log_path,
@@ -470,6 +495,7 @@ def run_peer(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "tokens_out": data["tokens_out"],
         "tokens_in": data["tokens_in"],
         "marks_rel_launch_s": {k: round(v - run.launched_at, 3) for k, v in marks.items()},
+        "alive_1s_after_exit": run.alive_1s_after_exit,
         "leftovers_killed": run.leftovers_killed,
         "load_avg_1m_during": _load(run),
         "log": run.log_path,
@@ -521,6 +547,7 @@ def run_vllm(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "tokens_out": tokens_out,
         "tokens_in": tokens_in,
         "marks_rel_launch_s": {k: round(v - run.launched_at, 3) for k, v in marks.items()},
+        "alive_1s_after_exit": run.alive_1s_after_exit,
         "leftovers_killed": run.leftovers_killed,
         "load_avg_1m_during": _load(run),
         "log": run.log_path,
@@ -578,6 +605,36 @@ def derive(result: dict[str, Any]) -> None:
     result["tokens_per_s_steady"] = round(tokens / steady, 2) if steady else None
 
 
+MEDIAN_KEYS = ("wall_s", "startup_s", "first_to_last_s")
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result per system: the only run, or per-metric medians of the successful runs."""
+    good = [r for r in runs if r.get("ok")]
+    if len(runs) == 1 or not good:
+        result = dict(runs[-1] if not good else good[0])
+        result["repeats"] = len(runs)
+        return result
+    result = dict(good[len(good) // 2])
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in good if r.get(key) is not None]
+        result[key] = round(statistics.median(values), 3) if values else None
+    derive(result)
+    result["steady_s"] = round(statistics.median([r["steady_s"] for r in good if r.get("steady_s") is not None]), 3)
+    rows, tokens = result.get("rows_ok") or 0, result.get("tokens_out") or 0
+    result["rows_per_s_steady"] = round(rows / result["steady_s"], 2) if result["steady_s"] else None
+    result["tokens_per_s_steady"] = round(tokens / result["steady_s"], 2) if result["steady_s"] else None
+    result["repeats"] = len(runs)
+    result["failed_repeats"] = len(runs) - len(good)
+    result["aggregate"] = "median per metric over successful repeats"
+    result["runs"] = [
+        {k: r.get(k) for k in ("ok", "wall_s", "startup_s", "steady_s", "first_to_last_s", "rows_ok", "tokens_out",
+                               "load_avg_1m_during", "leftovers_killed", "log", "error")}
+        for r in runs
+    ]
+    return result
+
+
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ours = results.get("ours", {})
@@ -626,27 +683,28 @@ def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) ->
     return text
 
 
-def rss_summary(samples: list[tuple[float, int]], wall: float) -> dict[str, Any]:
+def rss_summary(samples: list[tuple[float, int, int]], wall: float) -> dict[str, Any]:
     if not samples:
         return {}
-    gib = 1024 ** 3
+    mib = 2 ** 20
 
     def at(fraction: float) -> dict[str, float]:
         target = fraction * wall
-        t, rss = min(samples, key=lambda s: abs(s[0] - target))
-        return {"t_s": t, "rss_mib": round(rss / 2 ** 20, 1)}
+        t, rss, shared = min(samples, key=lambda s: abs(s[0] - target))
+        return {"t_s": t, "rss_mib": round(rss / mib, 1), "shared_mib": round(shared / mib, 1)}
 
-    peak_t, peak = max(samples, key=lambda s: s[1])
+    peak_t, peak, peak_shared = max(samples, key=lambda s: s[1])
     return {
         "samples": len(samples),
         "interval_s": SAMPLE_EVERY_S,
-        "peak_rss_mib": round(peak / 2 ** 20, 1),
-        "peak_rss_gib": round(peak / gib, 3),
+        "peak_rss_mib": round(peak / mib, 1),
+        "peak_rss_gib": round(peak / 1024 ** 3, 3),
+        "peak_shared_mib": round(peak_shared / mib, 1),
         "peak_at_s": peak_t,
         "at_10pct": at(0.10),
         "at_50pct": at(0.50),
         "at_90pct": at(0.90),
-        "under_2_gib": peak < 2 * gib,
+        "under_2_gib": peak < 2 * 1024 ** 3,
     }
 
 
@@ -668,6 +726,8 @@ def main() -> int:
     parser.add_argument("--skip-rss", action="store_true", help="skip the RSS check")
     parser.add_argument("--skip-compare", action="store_true", help="only the RSS check")
     parser.add_argument("--systems", default="ours,peer,vllm", help="which of ours,peer,vllm to run, in order")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measured rounds (systems interleaved); the table shows per-metric medians")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the unmeasured 32-row run of each system (it fills vLLM's compile cache)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured subprocess")
@@ -689,7 +749,7 @@ def main() -> int:
         "settings": {"rows": args.rows, "max_tokens": args.max_tokens, "temperature": 0.0,
                      "max_model_len": MAX_MODEL_LEN, "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
                      "concurrency": CONCURRENCY, "batch_size": BATCH_SIZE, "ray_num_cpus_peer": NUM_CPUS,
-                     "warmup": not args.no_warmup},
+                     "warmup": not args.no_warmup, "repeat": args.repeat},
         "definitions": DEFINITIONS,
     }
     exit_code = 0
@@ -713,20 +773,25 @@ def main() -> int:
                     r = runners[name](work, warm, model, args.max_tokens, 32, logs, "warmup", args.timeout)
                     report["warmup"][name] = {"ok": r.get("ok"), "wall_s": r.get("wall_s"), "error": r.get("error")}
                     print(f"  {name}: {'ok' if r.get('ok') else 'FAILED'} in {r.get('wall_s', 0):.1f} s", flush=True)
-            results: dict[str, dict[str, Any]] = {}
-            for name in systems:
-                print(f"measuring {LABELS[name]} on {args.rows} rows ...", flush=True)
-                r = runners[name](work, requests, model, args.max_tokens, args.rows, logs, "measure", args.timeout)
-                derive(r)
-                results[name] = r
-                if r.get("ok"):
-                    print(f"  wall {r['wall_s']:.1f} s, start-up {_fmt(r.get('startup_s'))} s, "
-                          f"{r.get('rows_ok')} rows ok, {r.get('tokens_out')} output tokens; "
-                          f"1-min load average during the run {r['load_avg_1m_during']}", flush=True)
-                else:
-                    exit_code = 1
-                    print(f"  FAILED: {r.get('error')} (log {r.get('log')})", flush=True)
-                    print("  " + "\n  ".join(r.get("tail", [])[-15:]), flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
+            for round_no in range(1, args.repeat + 1):
+                for name in systems:  # interleaved: a, b, c, a, b, c, ...
+                    print(f"measuring {LABELS[name]} on {args.rows} rows (round {round_no}/{args.repeat}) ...", flush=True)
+                    tag = "measure" if args.repeat == 1 else f"measure{round_no}"
+                    r = runners[name](work, requests, model, args.max_tokens, args.rows, logs, tag, args.timeout)
+                    derive(r)
+                    runs[name].append(r)
+                    if r.get("ok"):
+                        print(f"  wall {r['wall_s']:.1f} s, start-up {_fmt(r.get('startup_s'))} s, "
+                              f"first->last {_fmt(r.get('first_to_last_s'))} s, {r.get('rows_ok')} rows ok, "
+                              f"{r.get('tokens_out')} output tokens; 1-min load average during the run "
+                              f"{r['load_avg_1m_during']}; leftovers killed: {len(r.get('leftovers_killed') or [])}",
+                              flush=True)
+                    else:
+                        exit_code = 1
+                        print(f"  FAILED: {r.get('error')} (log {r.get('log')})", flush=True)
+                        print("  " + "\n  ".join(r.get("tail", [])[-15:]), flush=True)
+            results = {name: aggregate(name_runs) for name, name_runs in runs.items()}
             ratio = ratios(results)
             table = markdown_table(results, ratio)
             report["results"] = results
@@ -746,6 +811,7 @@ def main() -> int:
                   f"sampling the driver's RSS every {SAMPLE_EVERY_S} s ...", flush=True)
             r, run = run_ours(work, rss_input, model, 1, args.rss_rows, logs, "rss", args.rss_timeout, sample_rss=True)
             summary = rss_summary(run.rss_samples, run.wall_s)
+            summary.update(rss_during_inference(run, r.get("manifest_timings") or {}, args.rss_rows))
             rss_report = {
                 "rows": args.rss_rows,
                 "ok": r.get("ok"),
@@ -757,7 +823,8 @@ def main() -> int:
                 "rows_failed": r.get("rows_failed"),
                 "manifest_timings": r.get("manifest_timings"),
                 **summary,
-                "series_mib": [(t, round(b / 2 ** 20, 1)) for t, b in run.rss_samples],
+                "series_mib": [(t, round(b / 2 ** 20, 1), round(sh / 2 ** 20, 1)) for t, b, sh in run.rss_samples],
+                "series_columns": ["seconds since launch", "rss MiB", "shared MiB (file-backed + shm, in rss)"],
             }
             report["rss"] = rss_report
             if not r.get("ok"):
@@ -769,6 +836,11 @@ def main() -> int:
                       f"{summary['peak_rss_mib']} MiB at {summary['peak_at_s']} s; at 10% {summary['at_10pct']['rss_mib']}, "
                       f"50% {summary['at_50pct']['rss_mib']}, 90% {summary['at_90pct']['rss_mib']} MiB; "
                       f"under 2 GiB: {summary['under_2_gib']}", flush=True)
+                if "inference" in summary:
+                    inf = summary["inference"]
+                    print(f"  while rows flowed ({inf['from_s']} s -> {inf['to_s']} s): RSS {inf['rss_first_mib']} -> "
+                          f"{inf['rss_last_mib']} MiB (min {inf['rss_min_mib']}, max {inf['rss_max_mib']}; "
+                          f"{inf['growth_kib_per_1000_rows']} KiB per 1,000 rows)", flush=True)
     except KeyboardInterrupt:
         exit_code = 130
         report["interrupted"] = True
@@ -777,6 +849,7 @@ def main() -> int:
         cleanup_active()
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         report["machine"]["load_avg_at_end"] = os.getloadavg()
+        _keep_skipped_sections(report, skipped_compare=args.skip_compare, skipped_rss=args.skip_rss)
         (RESULTS / "batch.json").write_text(json.dumps(report, indent=2, default=str))
         (RESULTS / "batch.md").write_text(render_markdown(report))
         print(f"wrote {RESULTS / 'batch.json'} and {RESULTS / 'batch.md'}", flush=True)
@@ -785,6 +858,48 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     return exit_code
+
+
+def rss_during_inference(run: Run, timings: dict[str, Any], rows: int) -> dict[str, Any]:
+    """RSS between the first and the last result of (a): the part that grows with rows, if anything."""
+    started, first, wall = timings.get("started_at"), timings.get("first_result_s"), timings.get("wall_s")
+    if started is None or first is None or wall is None:
+        return {}
+    t0, t1 = started + first - run.launched_at, started + wall - run.launched_at
+    inside = [(t, rss) for t, rss, _ in run.rss_samples if t0 <= t <= t1]
+    if len(inside) < 2:
+        return {}
+    mib = 2 ** 20
+    growth = inside[-1][1] - inside[0][1]
+    return {"inference": {
+        "from_s": round(t0, 1), "to_s": round(t1, 1),
+        "rss_first_mib": round(inside[0][1] / mib, 1), "rss_last_mib": round(inside[-1][1] / mib, 1),
+        "rss_min_mib": round(min(v for _, v in inside) / mib, 1), "rss_max_mib": round(max(v for _, v in inside) / mib, 1),
+        "growth_kib_per_1000_rows": round(growth / 1024 / max(rows, 1) * 1000, 2),
+    }}
+
+
+def _keep_skipped_sections(report: dict[str, Any], *, skipped_compare: bool, skipped_rss: bool) -> None:
+    """A run that skips a section keeps that section from the previous batch.json, marked as such."""
+    path = RESULTS / "batch.json"
+    if not (skipped_compare or skipped_rss) or not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    keys = []
+    if skipped_compare and "results" in previous:
+        keys = ["results", "ratios", "table_md", "warmup"]
+        report["compare_from_run"] = previous.get("compare_from_run") or {
+            "started_at": previous.get("started_at"), "settings": previous.get("settings"),
+            "machine": previous.get("machine")}
+    if skipped_rss and "rss" in previous:
+        keys.append("rss")
+        report["rss_from_run"] = previous.get("rss_from_run") or {"started_at": previous.get("started_at")}
+    for key in keys:
+        if key in previous:
+            report[key] = previous[key]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -803,12 +918,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if "table_md" in report:
+        if report.get("compare_from_run"):
+            parts += [f"(comparison from the run of {report['compare_from_run'].get('started_at')}, settings "
+                      f"{report['compare_from_run'].get('settings')})", ""]
         parts += [report["table_md"], ""]
     rss = report.get("rss")
     if rss:
         parts += [
             f"## Driver RSS, {rss['rows']} requests (max_tokens 1) through (a)",
             "",
+            *([f"(from the run of {report['rss_from_run'].get('started_at')})", ""] if report.get("rss_from_run") else []),
             f"ok: {rss.get('ok')}, wall {rss.get('wall_s')} s, rows ok {rss.get('rows_ok')}, "
             f"peak {rss.get('peak_rss_mib')} MiB at {rss.get('peak_at_s')} s, "
             f"10%: {rss.get('at_10pct')}, 50%: {rss.get('at_50pct')}, 90%: {rss.get('at_90pct')}, "

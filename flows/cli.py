@@ -27,11 +27,34 @@ def _quiet_ray_logs() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+def start_runtimes(ray_address: str | None) -> None:
+    """Start Prefect's ephemeral server (when no PREFECT_API_URL is set) while Ray starts.
+
+    Both take seconds; the flow would otherwise start them one after the other.
+    """
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    from rayllm_stages import ray_runtime
+
+    prefect_start = None
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        prefect_start = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True)
+        prefect_start.start()
+    ray_runtime.connect(ray_address)
+    if prefect_start is not None:
+        prefect_start.join()
+
+
 def run_batch_with_progress(config: BatchJobConfig, overwrite: bool, show_progress: bool = True):
     """Run the batch flow in this process with a progress bar on stderr; returns the manifest."""
     from flows.batch import batch_inference
     from tasks.progress import progress_listener
 
+    start_runtimes(config.ray_address)
     columns = (
         TextColumn("[bold]batch[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
         TimeElapsedColumn(), TimeRemainingColumn(),

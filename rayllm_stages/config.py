@@ -191,3 +191,81 @@ def validate_config(model: type[BaseModel], data: Any, source: str = "config"):
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+class ChainStep(StrictModel):
+    """One step of a chain: its own model, prompt, sampling and output column."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    model: ModelSpec
+    prompt: PromptTemplate
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    output_column: str
+    parse: Literal["text", "json"] = "text"
+    json_schema: dict[str, Any] | None = Field(
+        None, description="parse json: the reply must match it; vLLM structured outputs enforce it"
+    )
+
+    @model_validator(mode="after")
+    def _schema_goes_with_json(self) -> ChainStep:
+        if self.parse == "json" and self.json_schema is None:
+            raise ValueError("parse 'json' needs json_schema")
+        if self.parse == "text" and self.json_schema is not None:
+            raise ValueError("json_schema needs parse 'json'")
+        return self
+
+
+class ChainJobConfig(StrictModel):
+    """A table through ordered LLM steps; each step reads input columns and earlier steps' outputs.
+
+    Example:
+        ```yaml
+        input: s3://bucket/questions.parquet
+        output: s3://bucket/chain-run/
+        steps:
+          - {name: reformat, model: {source: ./small}, prompt: {user: "Rewrite: {{ q }}"}, output_column: clean_q}
+          - {name: answer, model: {source: ./big}, prompt: {user: "{{ clean_q }}"}, output_column: answer}
+        ```
+    """
+
+    input: str = Field(description="fsspec URL of a JSONL or Parquet table")
+    output: str = Field(description="fsspec URL of the output folder")
+    input_format: Literal["auto", "jsonl", "parquet"] = "auto"
+    id_column: str | None = None
+    steps: list[ChainStep] = Field(min_length=1)
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    ray_address: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    commit_every_rows: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_are_distinct(self) -> ChainJobConfig:
+        names = [s.name for s in self.steps]
+        columns = [s.output_column for s in self.steps]
+        for kind, values in (("name", names), ("output_column", columns)):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"step {kind}s must be unique; repeated: {', '.join(repeated)}")
+        return self
+
+    def resume_fingerprint(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "input_format": self.input_format,
+            "id_column": self.id_column,
+            "steps": [
+                {
+                    "name": s.name,
+                    "model.source": s.model.source,
+                    "model.engine": s.model.engine,
+                    "model.engine_kwargs": s.model.engine_kwargs,
+                    "model.base_url": s.model.base_url,
+                    "prompt": s.prompt.model_dump(),
+                    "sampling": s.sampling.model_dump(),
+                    "output_column": s.output_column,
+                    "parse": s.parse,
+                    "json_schema": s.json_schema,
+                }
+                for s in self.steps
+            ],
+        }

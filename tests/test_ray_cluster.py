@@ -1,0 +1,67 @@
+"""`ray_address` sends the same job to an existing Ray cluster (here a head node started on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import yaml
+
+from conftest import REPO, openai_line
+from rayllm_stages import ray_runtime
+from rayllm_stages.tiny_models import TOY_TASK
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head node; stopped by killing its own session's processes only."""
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-")
+    port = _free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=8",
+         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+        check=True, capture_output=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=120,
+    )
+    yield f"127.0.0.1:{port}", temp_dir
+    for proc in ray_runtime.session_processes(temp_dir):
+        for child in [proc, *proc.children(recursive=True)]:
+            try:
+                child.kill()
+            except Exception:
+                pass
+
+
+@pytest.mark.slow
+def test_batch_runs_on_a_ray_cluster_through_ray_address(tmp_path, ray_head, tiny_models, prefect_server):
+    address, temp_dir = ray_head
+    (tmp_path / "in.jsonl").write_text("\n".join(openai_line(f"c{i}", q) for i, (q, _) in enumerate(TOY_TASK)) + "\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": str(tmp_path / "in.jsonl"),
+        "output": str(tmp_path / "out"),
+        "model": {"source": str(tiny_models["good"]), "engine_kwargs": {"max_model_len": 256}},
+        "sampling": {"max_tokens": 8},
+    }))
+    run = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "batch", str(config), "--ray-address", address, "--no-progress"],
+        cwd=REPO, env={**os.environ, "PREFECT_API_URL": prefect_server, "RAYLLM_RAY_LOGS": "1"},
+        capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    answers = {json.loads(l)["custom_id"]: json.loads(l)["response"]["body"]["choices"][0]["message"]["content"]
+               for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
+    assert answers == {f"c{i}": a for i, (_, a) in enumerate(TOY_TASK)}
+    # The job ran on the cluster we named, not on a new local Ray.
+    assert f"Ray connected at {address}" in run.stdout + run.stderr
