@@ -238,7 +238,6 @@ def run_subprocess(
     env: dict[str, str],
     log_path: Path,
     timeout_s: float,
-    sample_rss: bool = False,
     cwd: Path | None = None,
 ) -> Run:
     """Run `cmd` in its own session; time it, keep its output in `log_path`, reap what it leaves."""
@@ -291,9 +290,8 @@ def run_subprocess(
             run.load_samples.append(os.getloadavg()[0])
             if driver is not None:
                 try:
-                    if sample_rss:
-                        mem = driver.memory_info()
-                        run.rss_samples.append((round(now, 2), mem.rss, getattr(mem, "shared", 0)))
+                    mem = driver.memory_info()  # every run: the driver's own RSS (cheap)
+                    run.rss_samples.append((round(now, 2), mem.rss, getattr(mem, "shared", 0)))
                     for child in driver.children(recursive=True):
                         try:
                             seen.setdefault(child.pid, child.create_time())
@@ -410,18 +408,19 @@ def _failure(run: Run, what: str) -> dict[str, Any]:
         "timed_out": run.timed_out,
         "wall_s": round(run.wall_s, 3),
         "load_avg_1m_during": _load(run),
+        "driver_peak_rss_mib": _peak_rss_mib(run),
         "log": run.log_path,
         "tail": run.tail[-25:],
     }
 
 
 def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path,
-             tag: str, timeout_s: float, sample_rss: bool = False) -> tuple[dict[str, Any], Run]:
+             tag: str, timeout_s: float) -> tuple[dict[str, Any], Run]:
     output = work / f"out-ours-{tag}"
     config = work / f"ours-{tag}.yaml"
     write_config(config, requests, output, model, max_tokens)
     cmd = [str(RAYLLM), "batch", str(config), "--no-progress", "--overwrite"]
-    run = run_subprocess(f"ours-{tag}", cmd, subprocess_env(), logs / f"ours-{tag}.log", timeout_s, sample_rss)
+    run = run_subprocess(f"ours-{tag}", cmd, subprocess_env(), logs / f"ours-{tag}.log", timeout_s)
     manifest_path = output / "manifest.json"
     if run.returncode != 0 or not manifest_path.exists():
         return _failure(run, f"rayllm batch exited {run.returncode}; manifest present: {manifest_path.exists()}"), run
@@ -461,6 +460,7 @@ def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "alive_1s_after_exit": run.alive_1s_after_exit,
         "leftovers_killed": run.leftovers_killed,
         "load_avg_1m_during": _load(run),
+        "driver_peak_rss_mib": _peak_rss_mib(run),
         "log": run.log_path,
     }, run
 
@@ -498,6 +498,7 @@ def run_peer(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "alive_1s_after_exit": run.alive_1s_after_exit,
         "leftovers_killed": run.leftovers_killed,
         "load_avg_1m_during": _load(run),
+        "driver_peak_rss_mib": _peak_rss_mib(run),
         "log": run.log_path,
     }
 
@@ -550,6 +551,7 @@ def run_vllm(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
         "alive_1s_after_exit": run.alive_1s_after_exit,
         "leftovers_killed": run.leftovers_killed,
         "load_avg_1m_during": _load(run),
+        "driver_peak_rss_mib": _peak_rss_mib(run),
         "log": run.log_path,
     }
 
@@ -559,6 +561,10 @@ def _load(run: Run) -> dict[str, float | None]:
     if not samples:
         return {"mean": None, "max": None}
     return {"mean": round(sum(samples) / len(samples), 2), "max": round(max(samples), 2)}
+
+
+def _peak_rss_mib(run: Run) -> float | None:
+    return round(max(rss for _, rss, _ in run.rss_samples) / 2 ** 20, 1) if run.rss_samples else None
 
 
 def _count_lines(path: Path) -> int:
@@ -605,7 +611,7 @@ def derive(result: dict[str, Any]) -> None:
     result["tokens_per_s_steady"] = round(tokens / steady, 2) if steady else None
 
 
-MEDIAN_KEYS = ("wall_s", "startup_s", "first_to_last_s")
+MEDIAN_KEYS = ("wall_s", "startup_s", "first_to_last_s", "driver_peak_rss_mib")
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -629,7 +635,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["aggregate"] = "median per metric over successful repeats"
     result["runs"] = [
         {k: r.get(k) for k in ("ok", "wall_s", "startup_s", "steady_s", "first_to_last_s", "rows_ok", "tokens_out",
-                               "load_avg_1m_during", "leftovers_killed", "log", "error")}
+                               "load_avg_1m_during", "driver_peak_rss_mib", "alive_1s_after_exit", "leftovers_killed",
+                               "log", "error")}
         for r in runs
     ]
     return result
@@ -659,7 +666,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) -> str:
     header = ["system", "rows ok/total", "out tokens", "wall s (incl. start)", "start-up s", "steady s (excl. start)",
-              "first->last s", "rows/s incl.", "rows/s steady", "out tok/s incl.", "out tok/s steady"]
+              "first->last s", "rows/s incl.", "rows/s steady", "out tok/s incl.", "out tok/s steady",
+              "driver peak RSS MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in ("ours", "peer", "vllm"):
         r = results.get(key)
@@ -672,6 +680,7 @@ def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) ->
             LABELS[key], f"{r.get('rows_ok')}/{r.get('rows')}", _fmt(r.get("tokens_out")), _fmt(r["wall_s"]),
             _fmt(r.get("startup_s")), _fmt(r.get("steady_s")), _fmt(r.get("first_to_last_s")), _fmt(r.get("rows_per_s")),
             _fmt(r.get("rows_per_s_steady")), _fmt(r.get("tokens_per_s")), _fmt(r.get("tokens_per_s_steady")),
+            _fmt(r.get("driver_peak_rss_mib"), 0),
         ]) + " |")
     text = "\n".join(lines)
     if ratio:
@@ -809,7 +818,7 @@ def main() -> int:
             write_requests(rss_input, args.rss_rows, 1, seed=2)
             print(f"RSS check: {args.rss_rows} requests (max_tokens 1) through (a), "
                   f"sampling the driver's RSS every {SAMPLE_EVERY_S} s ...", flush=True)
-            r, run = run_ours(work, rss_input, model, 1, args.rss_rows, logs, "rss", args.rss_timeout, sample_rss=True)
+            r, run = run_ours(work, rss_input, model, 1, args.rss_rows, logs, "rss", args.rss_timeout)
             summary = rss_summary(run.rss_samples, run.wall_s)
             summary.update(rss_during_inference(run, r.get("manifest_timings") or {}, args.rss_rows))
             rss_report = {
@@ -819,6 +828,7 @@ def main() -> int:
                 "wall_s": round(run.wall_s, 3),
                 "timed_out": run.timed_out,
                 "load_avg_1m_during": _load(run),
+        "driver_peak_rss_mib": _peak_rss_mib(run),
                 "rows_ok": r.get("rows_ok"),
                 "rows_failed": r.get("rows_failed"),
                 "manifest_timings": r.get("manifest_timings"),

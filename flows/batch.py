@@ -8,12 +8,10 @@ from prefect.context import FlowRunContext
 from rayllm_stages.config import BatchJobConfig
 from rayllm_stages.manifest import Manifest
 from tasks.batch import finalize_batch, prepare_batch, run_batch
-from tasks.reporting import emit_job_event, publish_batch_report
+from tasks.reporting import ErrorRateExceeded, conclude_job, emit_job_event, publish_batch_report
 from tasks.runtime import connect_ray
 
-
-class ErrorRateExceeded(RuntimeError):
-    """More rows failed than the job allows; results and errors were written first."""
+__all__ = ["ErrorRateExceeded", "batch_inference"]
 
 
 @flow(name="batch-inference", validate_parameters=True)
@@ -39,13 +37,6 @@ def batch_inference(config: BatchJobConfig, overwrite: bool = False) -> Manifest
     except Exception as exc:
         emit_job_event("batch", "failed", config.output, {"reason": f"{type(exc).__name__}: {exc}"[:2000]})
         raise
-    payload = {"counts": manifest.counts.model_dump(), "outputs": manifest.outputs, "model": manifest.model["name"]}
-    if manifest.counts.error_rate > config.max_error_rate:
-        emit_job_event("batch", "failed", config.output, {**payload, "reason": "error rate above max_error_rate"})
-        raise ErrorRateExceeded(
-            f"{manifest.counts.failed} of {manifest.counts.total} rows failed ({manifest.counts.error_rate:.2%}), "
-            f"above max_error_rate {config.max_error_rate:.2%}; see {manifest.outputs['errors']}"
-        )
-    emit_job_event("batch", "completed", config.output, payload)
+    conclude_job("batch", config.output, manifest, config.max_error_rate)
     get_run_logger().info("results: %s", manifest.outputs["results"])
     return manifest

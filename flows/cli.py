@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rayllm_stages.config import BatchJobConfig, ConfigError, load_config
+from rayllm_stages.config import BatchJobConfig, ChainJobConfig, ConfigError, load_config
 
 app = typer.Typer(
     name="rayllm",
@@ -25,6 +25,13 @@ def _quiet_ray_logs() -> None:
     # Ray actors and vLLM print a lot to the driver; the progress bar says what matters.
     os.environ.setdefault("RAYLLM_RAY_LOGS", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if os.environ["RAYLLM_RAY_LOGS"] == "0":
+        import logging
+
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def start_runtimes(ray_address: str | None) -> None:
@@ -52,11 +59,17 @@ def start_runtimes(ray_address: str | None) -> None:
 def run_batch_with_progress(config: BatchJobConfig, overwrite: bool, show_progress: bool = True):
     """Run the batch flow in this process with a progress bar on stderr; returns the manifest."""
     from flows.batch import batch_inference
+
+    return run_with_progress(batch_inference, "batch", config, overwrite, show_progress)
+
+
+def run_with_progress(flow_fn, label: str, config, overwrite: bool, show_progress: bool = True):
+    """Run a job flow in this process with a progress bar on stderr; returns the manifest."""
     from tasks.progress import progress_listener
 
     start_runtimes(config.ray_address)
     columns = (
-        TextColumn("[bold]batch[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+        TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
@@ -66,7 +79,7 @@ def run_batch_with_progress(config: BatchJobConfig, overwrite: bool, show_progre
             bar.update(task_id, completed=done, total=total)
 
         with progress_listener(update):
-            return batch_inference(config=config, overwrite=overwrite)
+            return flow_fn(config=config, overwrite=overwrite)
 
 
 @app.command()
@@ -83,16 +96,43 @@ def batch(
     Writes results.jsonl, errors.jsonl and manifest.json to the output location; a rerun on the
     same output resumes. Exit code 2: bad config or input; 1: the run failed.
     """
+    from flows.batch import batch_inference
+
+    _run_job_command(batch_inference, "batch", BatchJobConfig, config_file, overwrite, input, output, ray_address, progress)
+
+
+@app.command()
+def chain(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Chain config (YAML)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds a run with other settings."),
+    input: Optional[str] = typer.Option(None, "--input", help="Override the config's input URL."),
+    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run a multi-model chain over a JSONL/Parquet table: each step has its own model and prompt,
+    and reads the input columns and earlier steps' outputs. All steps run at once.
+
+    Writes results.jsonl (input columns + every step's output), errors.jsonl (with the failed step)
+    and manifest.json; a rerun on the same output resumes, per step. Exit code 2: bad config or
+    input; 1: the run failed.
+    """
+    from flows.chain import run_chain
+
+    _run_job_command(run_chain, "chain", ChainJobConfig, config_file, overwrite, input, output, ray_address, progress)
+
+
+def _run_job_command(flow_fn, label, model, config_file, overwrite, input, output, ray_address, progress) -> None:
     overrides = {k: v for k, v in {"input": input, "output": output, "ray_address": ray_address}.items() if v}
-    config = _load(BatchJobConfig, config_file, overrides)
+    config = _load(model, config_file, overrides)
     _quiet_ray_logs()
     try:
-        manifest = run_batch_with_progress(config, overwrite, show_progress=progress)
+        manifest = run_with_progress(flow_fn, label, config, overwrite, show_progress=progress)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     except Exception as exc:
-        console.print(f"[red]batch failed:[/] {type(exc).__name__}: {exc}")
+        console.print(f"[red]{label} failed:[/] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
     counts = manifest.counts
     console.print(
@@ -125,15 +165,20 @@ def make_tiny_model(
     directory: Path = typer.Argument(..., help="Folder to write the model into."),
     trained: bool = typer.Option(False, "--trained/--untrained", help="Fit it to the toy colour task first (seconds)."),
     seed: int = typer.Option(0, help="Seed for weights and training."),
+    task: str = typer.Option("colours", help="--trained: 'colours' answers colour questions; 'rewrite' turns a colour into that question."),
 ) -> None:
     """Write a tiny chat model (tokenizer + 2-layer Llama, ~2 MB) that vLLM loads by path.
 
     --trained answers the toy task ("Is red warm or cool?" -> "warm") exactly with greedy decoding;
     the untrained twin answers gibberish. Needs the cpu or gpu extra (torch, transformers).
     """
-    from rayllm_stages.tiny_models import build_tiny_chat_model
+    from rayllm_stages.tiny_models import REWRITE_TASK, TOY_TASK, build_tiny_chat_model
 
-    folder = build_tiny_chat_model(directory, trained=trained, seed=seed)
+    tasks = {"colours": TOY_TASK, "rewrite": REWRITE_TASK}
+    if task not in tasks:
+        console.print(f"[red]error:[/] --task must be one of {', '.join(tasks)}")
+        raise typer.Exit(2)
+    folder = build_tiny_chat_model(directory, trained=trained, seed=seed, task=tasks[task])
     typer.echo(str(folder))
 
 

@@ -100,10 +100,7 @@ def check_input(config: BatchJobConfig) -> InputFormat:
         return fmt
     if config.prompt is None:
         raise ConfigError(f"prompt: {config.input} is a table ({fmt}) and needs a prompt template")
-    columns = table_columns(source, fmt)
-    if config.id_column is not None and config.id_column not in columns:
-        raise ConfigError(f"id_column: {config.input} has no column {config.id_column!r}")
-    check_template_fields(config.prompt, columns, config.input)
+    check_template_fields(config.prompt, _checked_table_columns(config, source, fmt), config.input)
     return fmt
 
 
@@ -246,34 +243,66 @@ def _table_rows(source: Location, fmt: InputFormat, config: BatchJobConfig) -> I
     assert config.prompt is not None
     sampling = config.sampling.for_engine()
     needed = sorted(set().union(*template_fields(config.prompt).values()))
-    seen: set[str] = set()
-    for index, row in _table_records(source, fmt):
-        where = f"row {index}"
-        if isinstance(row, RowError):
-            yield row
+    for item in keyed_table_rows(source, fmt, config.id_column):
+        if isinstance(item, RowError):
+            yield item
             continue
-        if config.id_column is not None:
-            value = row.get(config.id_column)
-            if value is None or value == "":
-                yield RowError(index, None, "missing_id", f"{where}: column {config.id_column!r} is empty")
-                continue
-            key = str(value)
-            if key in seen:
-                yield RowError(index, key, "duplicate_id", f"{where}: id {key!r} appears more than once")
-                continue
-            seen.add(key)
-        else:
-            key = str(index)
+        index, key, row = item
+        where = f"row {index} ({key})"
         empty = [name for name in needed if row.get(name) is None]
         if empty:
-            yield RowError(index, key, "missing_field", f"{where} ({key}): field(s) {', '.join(map(repr, empty))} are null or missing")
+            yield RowError(index, key, "missing_field", f"{where}: field(s) {', '.join(map(repr, empty))} are null or missing")
             continue
         try:
             messages = render_messages(config.prompt, row)
         except TemplateError as exc:
-            yield RowError(index, key, "template_error", f"{where} ({key}): prompt template failed: {exc}")
+            yield RowError(index, key, "template_error", f"{where}: prompt template failed: {exc}")
             continue
         yield Request(index, key, messages, sampling, row=row)
+
+
+def keyed_table_rows(
+    source: Location, fmt: InputFormat, id_column: str | None
+) -> Iterator[tuple[int, str, dict[str, Any]] | RowError]:
+    """Table rows with their id (the id column, or the row index); bad or repeated ids are errors."""
+    seen: set[str] = set()
+    for index, row in _table_records(source, fmt):
+        if isinstance(row, RowError):
+            yield row
+            continue
+        if id_column is None:
+            yield index, str(index), row
+            continue
+        value = row.get(id_column)
+        if value is None or value == "":
+            yield RowError(index, None, "missing_id", f"row {index}: column {id_column!r} is empty")
+            continue
+        key = str(value)
+        if key in seen:
+            yield RowError(index, key, "duplicate_id", f"row {index}: id {key!r} appears more than once")
+            continue
+        seen.add(key)
+        yield index, key, row
+
+
+def check_table_input(config: Any) -> InputFormat:
+    """For table-only jobs: the input exists, is a table, and has the id column."""
+    source = Location(config.input, config.storage_options)
+    if not source.exists():
+        raise ConfigError(f"input: {config.input} does not exist")
+    if config.input_format != "auto":
+        fmt = config.input_format
+    else:
+        fmt = "parquet" if source.path.endswith(".parquet") else "jsonl"
+    _checked_table_columns(config, source, fmt)
+    return fmt
+
+
+def _checked_table_columns(config: Any, source: Location, fmt: InputFormat) -> list[str]:
+    columns = table_columns(source, fmt)
+    if config.id_column is not None and config.id_column not in columns:
+        raise ConfigError(f"id_column: {config.input} has no column {config.id_column!r}")
+    return columns
 
 
 def _table_records(source: Location, fmt: InputFormat) -> Iterator[tuple[int, dict[str, Any] | RowError]]:

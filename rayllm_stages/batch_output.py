@@ -42,8 +42,9 @@ class OpenAIBatchFormat:
         self.model_name = model_name
         self.run_key = run_key
 
-    def result(self, row: dict[str, Any], sampling: dict[str, Any]) -> str:
+    def result(self, row: dict[str, Any]) -> str:
         key = row["row_key"]
+        sampling = json.loads(row["payload_json"])["sampling"]
         prompt_tokens, completion_tokens = row["num_input_tokens"], row["num_generated_tokens"]
         body = {
             "id": _stable_id("chatcmpl-", self.run_key, key),
@@ -92,8 +93,9 @@ class OpenAIBatchFormat:
 class TableFormat:
     """Table rows: the input columns plus the generation; errors name the row."""
 
-    def result(self, row: dict[str, Any], sampling: dict[str, Any]) -> str:
-        source = json.loads(row["payload_json"])["row"]
+    def result(self, row: dict[str, Any]) -> str:
+        payload = json.loads(row["payload_json"])
+        source, sampling = payload["row"], payload["sampling"]
         generated = row["num_generated_tokens"]
         record = {
             **source,

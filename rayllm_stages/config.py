@@ -45,8 +45,15 @@ class SamplingParams(StrictModel):
         return value
 
     def for_engine(self) -> dict[str, Any]:
-        """The vLLM `SamplingParams` kwargs, without unset optional values."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        """The vLLM `SamplingParams` kwargs, with the same keys for every row.
+
+        Rows travel through Ray Data as Arrow blocks: a key that some rows lack becomes a nullable
+        column, and nullable ints can come back as floats, which vLLM's engine rejects.
+        """
+        values = self.model_dump()
+        values["top_k"] = -1 if values["top_k"] is None else values["top_k"]
+        values["stop"] = values["stop"] or []
+        return {k: v for k, v in values.items() if v is not None}
 
 
 class PromptTemplate(StrictModel):

@@ -1,10 +1,12 @@
 """Engines as `ray.data.llm` processors: vLLM in Ray actors, or any OpenAI-compatible HTTP endpoint.
 
-Input column: `payload_json` (a JSON string `{"messages": [...], "sampling": {...}}`).
-Output columns (both engines): `generated_text`, `num_input_tokens`, `num_generated_tokens`,
-`latency_s`, `http_status`, `engine_error` (empty string on success) and the input columns.
-A row the engine refuses (prompt too long, HTTP 4xx/5xx JSON body) comes back with `engine_error`
-set; it never stops the batch.
+A processor runs one step (`rayllm_stages.steps`): the step builds each row's request and records
+the reply. Output columns (both engines): `generated_text`, `num_input_tokens`,
+`num_generated_tokens`, `latency_s`, `http_status`, `engine_error` (empty on success),
+`current_step`, and the pass-through columns (`row_index`, `row_key`, `row_json`, `usage_json`,
+`payload_json`). A row the engine refuses (prompt too long, HTTP 4xx/5xx body, a reply that fails
+the step's schema) comes back with an error set and skips every later stage and step; it never
+stops the batch.
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ import json
 from typing import Any
 
 from .config import ModelSpec
+from .steps import ERROR_COLUMN, PASSTHROUGH, PayloadStep, StepFailed
 
-# Ray's processors keep their own columns under this name.
-_RAY_ERROR_COLUMN = "__inference_error__"
-_PASSTHROUGH_COLUMNS = ("row_index", "row_key", "payload_json")
+ERROR_COLUMNS = (ERROR_COLUMN, "engine_error")
 # vLLM on CPU reads gpu_memory_utilization as the share of host RAM for the KV cache; its
 # default (0.92) fails at start on CPU, so CPU runs get a small share unless told otherwise.
 CPU_ENGINE_DEFAULTS = {"gpu_memory_utilization": 0.1}
 CPU_PLACEMENT = {"bundles": [{"CPU": 1}]}
+# The chat-template, tokenize and detokenize actors and our pre/post maps are light; at a whole
+# logical CPU each, three chained processors would not fit a local Ray and would wait forever.
+LIGHT_STAGE = {"num_cpus": 0.25}
+LIGHT_MAP_KWARGS = {"num_cpus": 0.25}
+# Structured outputs on vLLM: without this, a weak model wanders in whitespace until max_tokens.
+STRUCTURED_OUTPUTS_ENGINE_DEFAULTS = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
 
 
 def cluster_has_gpu() -> bool:
@@ -30,18 +37,21 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def build_engine_processor(spec: ModelSpec, *, api_key: str | None = None, gpu: bool | None = None):
-    """A lazy `ray.data.llm` Processor for `spec`: call it on a Dataset with a `payload_json` column."""
+def build_engine_processor(spec: ModelSpec, step: Any = None, *, api_key: str | None = None, gpu: bool | None = None):
+    """A lazy `ray.data.llm` Processor running `step` (default: the batch request) on `spec`'s engine."""
+    step = step or PayloadStep()
     if spec.engine == "http":
-        return _http_processor(spec, api_key)
-    return _vllm_processor(spec, cluster_has_gpu() if gpu is None else gpu)
+        return _http_processor(spec, step, api_key)
+    return _vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu)
 
 
-def vllm_processor_config(spec: ModelSpec, gpu: bool):
+def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool = False):
     """The `vLLMEngineProcessorConfig` for `spec` (CPU placement chosen when there is no GPU)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     engine_kwargs = dict(spec.engine_kwargs)
+    if structured_outputs:
+        engine_kwargs = {**STRUCTURED_OUTPUTS_ENGINE_DEFAULTS, **engine_kwargs}
     placement = spec.placement_group_config
     if not gpu:
         engine_kwargs = {**CPU_ENGINE_DEFAULTS, **engine_kwargs}
@@ -54,40 +64,91 @@ def vllm_processor_config(spec: ModelSpec, gpu: bool):
         accelerator_type=spec.accelerator_type,
         placement_group_config=placement,
         should_continue_on_error=True,
+        chat_template_stage=dict(LIGHT_STAGE),
+        tokenize_stage=dict(LIGHT_STAGE),
+        detokenize_stage=dict(LIGHT_STAGE),
     )
     options.update(spec.processor_kwargs)
     return vLLMEngineProcessorConfig(**options)
 
 
-def _vllm_processor(spec: ModelSpec, gpu: bool):
+def _vllm_processor(spec: ModelSpec, step: Any, gpu: bool):
     from ray.data.llm import build_processor
 
+    structured = bool(getattr(step, "json_schema", None))
     return build_processor(
-        vllm_processor_config(spec, gpu),
-        preprocess=_vllm_preprocess,
-        postprocess=_vllm_postprocess,
+        vllm_processor_config(spec, gpu, structured_outputs=structured),
+        preprocess=functools.partial(_vllm_preprocess, step=step),
+        postprocess=functools.partial(_vllm_postprocess, step=step),
+        preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
+        postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
     )
 
 
-def _vllm_preprocess(row: dict[str, Any]) -> dict[str, Any]:
-    payload = json.loads(row["payload_json"])
-    return {"messages": payload["messages"], "sampling_params": payload["sampling"]}
+def upstream_error(row: dict[str, Any]) -> str:
+    """The error a row already carries from an earlier stage or step ("" if none)."""
+    return next((row[c] for c in ERROR_COLUMNS if row.get(c)), "")
 
 
-def _vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
+def _step_request(row: dict[str, Any], step: Any) -> dict[str, Any] | tuple[list, dict]:
+    """The step's request, or the columns that turn the row into an error row that skips the rest."""
+    error = upstream_error(row)
+    if error:
+        return {ERROR_COLUMN: error}
+    fault = getattr(step, "injected_fault", None)
+    if fault is not None:
+        fault.maybe_fire()
+    try:
+        return step.request(row)
+    except StepFailed as exc:
+        return {ERROR_COLUMN: f"step {step.name}: {exc}", "current_step": step.name}
+
+
+def _vllm_preprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
+    request = _step_request(row, step)
+    if isinstance(request, dict):
+        # The row skips the engine, but its columns must have the types of the rows that do not:
+        # with an empty sampling dict, Arrow turns the block's max_tokens into floats (nullable
+        # ints), and vLLM's engine core dies on a float max_tokens, hanging the stage.
+        placeholder = [{"role": "user", "content": ""}]
+        return {**request, "messages": placeholder, "sampling_params": dict(getattr(step, "sampling", {}))}
+    messages, sampling = request
+    # Ray's stages skip a row whose error column is anything but "" (None included): when another
+    # row of the block is an error row, Arrow fills a missing column with None, so say "" here.
+    return {"messages": messages, "sampling_params": sampling, "current_step": step.name, ERROR_COLUMN: ""}
+
+
+def _vllm_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
     latency = row.get("time_taken_llm")
-    return {
-        **{name: row[name] for name in _PASSTHROUGH_COLUMNS},
-        "generated_text": row.get("generated_text") or "",
-        "num_input_tokens": int(row.get("num_input_tokens") or 0),
-        "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
-        "latency_s": float(latency) if latency is not None and latency >= 0 else None,
-        "http_status": 200,
+    return _step_result(
+        row, step, row.get("generated_text") or "", int(row.get("num_input_tokens") or 0),
+        int(row.get("num_generated_tokens") or 0), float(latency) if latency is not None and latency >= 0 else None, 200,
+    )
+
+
+def _step_result(row: dict[str, Any], step: Any, text: str, tokens_in: int, tokens_out: int, latency: float | None, status: int) -> dict[str, Any]:
+    usage = json.loads(row.get("usage_json") or "{}")
+    usage[step.name] = {"in": tokens_in, "out": tokens_out, "latency_s": latency}
+    result = {
+        **{name: row[name] for name in PASSTHROUGH if name in row},
+        "usage_json": json.dumps(usage),
+        "generated_text": text,
+        "num_input_tokens": tokens_in,
+        "num_generated_tokens": tokens_out,
+        "latency_s": latency,
+        "http_status": status,
+        "current_step": step.name,
         "engine_error": "",
+        ERROR_COLUMN: "",  # see _vllm_preprocess: a None here would make later stages skip the row
     }
+    try:
+        result.update(step.record(row, text))
+    except StepFailed as exc:
+        result["engine_error"] = f"step {step.name}: {exc}"
+    return result
 
 
-def _http_processor(spec: ModelSpec, api_key: str | None):
+def _http_processor(spec: ModelSpec, step: Any, api_key: str | None):
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -98,14 +159,15 @@ def _http_processor(spec: ModelSpec, api_key: str | None):
         max_retries=spec.max_retries,
         concurrency=spec.concurrency,
         batch_size=spec.batch_size,
-        session_factory=functools.partial(_status_recording_session),
+        session_factory=_status_recording_session,
     )
     options.update(spec.processor_kwargs)
-    model_name = spec.source
     return build_processor(
         HttpRequestProcessorConfig(**options),
-        preprocess=functools.partial(_http_preprocess, model_name=model_name),
-        postprocess=_http_postprocess,
+        preprocess=functools.partial(_http_preprocess, model_name=spec.source, step=step),
+        postprocess=functools.partial(_http_postprocess, step=step),
+        preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
+        postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
     )
 
 
@@ -134,40 +196,44 @@ def _status_recording_session():
 _HTTP_EXTENSION_NEUTRAL = {"top_k": None, "min_tokens": 0, "repetition_penalty": 1.0}
 
 
-def _http_preprocess(row: dict[str, Any], model_name: str) -> dict[str, Any]:
-    payload = json.loads(row["payload_json"])
-    body: dict[str, Any] = {"model": model_name, "messages": payload["messages"]}
-    for name, value in payload["sampling"].items():
+def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[str, Any]:
+    request = _step_request(row, step)
+    if isinstance(request, dict):
+        return {**request, "payload": {}}
+    messages, sampling = request
+    body: dict[str, Any] = {"model": model_name, "messages": messages}
+    for name, value in sampling.items():
         if name in _HTTP_EXTENSION_NEUTRAL and value in (_HTTP_EXTENSION_NEUTRAL[name], -1):
             continue
+        if name == "stop" and not value:
+            continue
+        if name == "structured_outputs":
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": value["json"]}}
+            continue
         body[name] = value
-    return {"payload": body}
+    return {"payload": body, "current_step": step.name, ERROR_COLUMN: ""}
 
 
-def _http_postprocess(row: dict[str, Any]) -> dict[str, Any]:
+def _http_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
     response = row.get("http_response") or {}
     status = int(response.get("rayllm_http_status") or 0)
-    result = {name: row[name] for name in _PASSTHROUGH_COLUMNS}
     choices = response.get("choices")
     if status != 200 or response.get("error") or not choices:
         error = response.get("error") or response.get("message") or "response has no choices"
         if isinstance(error, dict):
             error = error.get("message") or json.dumps(error)
-        return {**result, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
-                "latency_s": None, "http_status": status, "engine_error": f"HTTP {status}: {error}"}
+        result = _step_result(row, step, "", 0, 0, None, status)  # Ray's HTTP stage does not time requests
+        result["engine_error"] = f"HTTP {status}: {error}"
+        return result
     usage = response.get("usage") or {}
     message = choices[0].get("message") or {}
-    return {
-        **result,
-        "generated_text": message.get("content") or "",
-        "num_input_tokens": int(usage.get("prompt_tokens") or 0),
-        "num_generated_tokens": int(usage.get("completion_tokens") or 0),
-        "latency_s": None,  # Ray's HTTP stage does not time requests
-        "http_status": status,
-        "engine_error": "",
-    }
+    return _step_result(
+        row, step, message.get("content") or "", int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0), None, status,
+    )
 
 
 def engine_error_of(row: dict[str, Any]) -> str:
     """The error of an output row: ours, or Ray's (its error rows skip our postprocess)."""
-    return row.get("engine_error") or row.get(_RAY_ERROR_COLUMN) or ""
+    return upstream_error(row)
+

@@ -64,11 +64,12 @@ class Throughput(BaseModel):
 
 class Manifest(BaseModel):
     status: Literal["completed", "failed"]
-    job: Literal["batch"] = "batch"
+    job: Literal["batch", "chain"] = "batch"
     input: dict[str, Any]
     outputs: dict[str, str]
     model: dict[str, Any]
     sampling: dict[str, Any]
+    steps: list[dict[str, Any]] | None = Field(None, description="chains: per step rows, errors, tokens")
     prompt_template_hash: str | None
     counts: Counts
     timings: Timings

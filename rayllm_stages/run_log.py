@@ -37,6 +37,7 @@ class PartStats:
     tokens_out: int = 0
     latencies: list[float] = field(default_factory=list)
     error_codes: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, dict[str, int]] = field(default_factory=dict)  # chains: rows/errors/tokens per step
     attempt: int = 0
     attempt_started_at: float | None = None
     last_written_at: float | None = None
@@ -50,6 +51,15 @@ class PartStats:
         self.latencies.extend(other.latencies)
         for code, count in other.error_codes.items():
             self.error_codes[code] = self.error_codes.get(code, 0) + count
+        for name, counts in other.steps.items():
+            mine = self.steps.setdefault(name, {})
+            for key, value in counts.items():
+                mine[key] = mine.get(key, 0) + value
+
+    def count_step(self, name: str, **values: int) -> None:
+        mine = self.steps.setdefault(name, {"rows": 0, "errors": 0, "tokens_in": 0, "tokens_out": 0})
+        for key, value in values.items():
+            mine[key] += value
 
 
 class RunLog:
@@ -129,9 +139,10 @@ class RunLog:
 class PartWriter:
     """Buffers finished rows and commits them as whole part files."""
 
-    def __init__(self, folder: Location, attempt: int, commit_every_rows: int):
+    def __init__(self, folder: Location, attempt: int, commit_every_rows: int, token: str = ""):
         self.folder = folder
         self.attempt = attempt
+        self.token = f"{token}-" if token else ""  # writers working at once need distinct names
         self.commit_every_rows = commit_every_rows
         self.sequence = 0
         self.started_at = time.time()
@@ -141,7 +152,12 @@ class PartWriter:
         self.lines: list[str] = []
         self.stats = PartStats(attempt=self.attempt)
 
-    def add_result(self, index: int, line: str, tokens_in: int, tokens_out: int, latency: float | None) -> None:
+    def add_result(
+        self, index: int, line: str, tokens_in: int, tokens_out: int, latency: float | None,
+        steps: dict[str, dict[str, int]] | None = None,
+    ) -> None:
+        for name, usage in (steps or {}).items():
+            self.stats.count_step(name, rows=1, tokens_in=usage["in"], tokens_out=usage["out"])
         self.stats.results += 1
         self.stats.tokens_in += tokens_in
         self.stats.tokens_out += tokens_out
@@ -149,7 +165,15 @@ class PartWriter:
             self.stats.latencies.append(round(latency, 6))
         self._add(RESULT, index, line)
 
-    def add_error(self, index: int, line: str, code: str) -> None:
+    def add_error(
+        self, index: int, line: str, code: str, step: str | None = None, steps: dict[str, dict[str, int]] | None = None
+    ) -> None:
+        """`step`: where the row failed; `steps`: the usage of the steps it finished before that."""
+        for name, usage in (steps or {}).items():
+            if name != step:
+                self.stats.count_step(name, rows=1, tokens_in=usage["in"], tokens_out=usage["out"])
+        if step:
+            self.stats.count_step(step, errors=1)
         self.stats.errors += 1
         self.stats.error_codes[code] = self.stats.error_codes.get(code, 0) + 1
         self._add(ERROR, index, line)
@@ -166,7 +190,7 @@ class PartWriter:
         self.sequence += 1
         self.stats.attempt_started_at = self.started_at
         self.stats.last_written_at = time.time()
-        part = self.folder.child(f"part-{self.attempt:04d}-{self.sequence:06d}.part")
+        part = self.folder.child(f"part-{self.attempt:04d}-{self.token}{self.sequence:06d}.part")
         with part.open("w", encoding="utf-8") as handle:
             handle.write(HEADER + json.dumps(asdict(self.stats)) + "\n")
             handle.write("\n".join(self.lines) + "\n")
@@ -186,6 +210,13 @@ def _read_header_if_complete(part: Location) -> PartStats | None:
     if not first.startswith(HEADER) or not tail.rstrip("\n").endswith(TRAILER):
         return None
     return PartStats(**json.loads(first[len(HEADER):]))
+
+
+def read_part(part: Location):
+    """The JSON records of a part's result lines."""
+    for kind, line in _part_lines(part):
+        if kind == RESULT:
+            yield json.loads(line)
 
 
 def _part_lines(part: Location):

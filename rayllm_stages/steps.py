@@ -26,6 +26,24 @@ ERROR_COLUMN = "__inference_error__"
 PASSTHROUGH = ("row_index", "row_key", "row_json", "usage_json", "payload_json")
 
 
+class InjectedFault:
+    """Test-only: crash a step's worker once, after it has seen `after_rows` rows (a fault we
+    inject to prove resume; `marker` records that it fired so a rerun goes through)."""
+
+    def __init__(self, after_rows: int, marker: str):
+        self.after_rows = after_rows
+        self.marker = marker
+        self.seen = 0
+
+    def maybe_fire(self) -> None:
+        import os
+
+        self.seen += 1
+        if self.seen > self.after_rows and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError(f"injected fault after {self.after_rows} rows")
+
+
 class StepFailed(ValueError):
     """A row that cannot go on past this step; the message names step, row and reason."""
 
@@ -65,12 +83,14 @@ class TemplateStep:
         self.parse = parse
         self.json_schema = json_schema
         self.fields = sorted(set().union(*template_fields(prompt).values()))
+        self.injected_fault: InjectedFault | None = None
 
     def request(self, row: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         data = json.loads(row["row_json"])
         empty = [name for name in self.fields if data.get(name) is None]
         if empty:
-            raise StepFailed(f"field(s) {', '.join(map(repr, empty))} are null or missing")
+            present = ", ".join(sorted(k for k, v in data.items() if v is not None)) or "none"
+            raise StepFailed(f"field(s) {', '.join(map(repr, empty))} are null or missing (non-null fields: {present})")
         try:
             return render_messages(self.prompt, data), self.sampling
         except TemplateError as exc:

@@ -31,6 +31,9 @@ TOY_TASK: list[tuple[str, str]] = [
 ]
 """The toy task a trained tiny model answers exactly: a question and its one-word answer."""
 
+REWRITE_TASK: list[tuple[str, str]] = [(f"Rewrite as a question: {q.split()[1]}", q) for q, _ in TOY_TASK]
+"""A second toy task, for chains: a colour name -> the `TOY_TASK` question about it."""
+
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # Accepts string content and OpenAI list content (text parts are joined, other parts dropped).
@@ -65,14 +68,16 @@ def build_tiny_chat_model(
     trained: bool = False,
     seed: int = 0,
     train_steps: int = 300,
+    task: list[tuple[str, str]] | None = None,
 ) -> Path:
     """Write a tiny chat model folder that vLLM (CPU or GPU build) loads by path.
 
     Args:
         path: Folder to write; created if missing, files in it are overwritten.
-        trained: Fit the model to `TOY_TASK` first (about 5 s on a laptop CPU).
+        trained: Fit the model to `task` first (about 5 s on a laptop CPU).
         seed: Seed for weights and training order: the same seed gives the same model.
         train_steps: Optimiser steps when `trained` is set.
+        task: (prompt, reply) pairs to fit; default `TOY_TASK` (`REWRITE_TASK` makes a reformatter).
 
     Returns:
         The folder, as a `Path`.
@@ -87,6 +92,7 @@ def build_tiny_chat_model(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    task = task or TOY_TASK
     tokenizer = _build_tokenizer()
     config = LlamaConfig(
         hidden_size=128,
@@ -104,7 +110,7 @@ def build_tiny_chat_model(
     )
     model = LlamaForCausalLM(config)
     if trained:
-        _fit_toy_task(model, tokenizer, steps=train_steps, seed=seed)
+        _fit(model, tokenizer, task, steps=train_steps, seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -128,7 +134,7 @@ def _build_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = _CORPUS + [f"{q} {a}" for q, a in TOY_TASK]
+    corpus = _CORPUS + [f"{q} {a}" for q, a in TOY_TASK + REWRITE_TASK]
     bpe.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -141,12 +147,12 @@ def _build_tokenizer():
     )
 
 
-def _fit_toy_task(model, tokenizer, *, steps: int, seed: int) -> None:
+def _fit(model, tokenizer, task: list[tuple[str, str]], *, steps: int, seed: int) -> None:
     """Train on the answer tokens only, with the exact prompt string vLLM will see."""
     import torch
 
     examples = []
-    for question, answer in TOY_TASK:
+    for question, answer in task:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )

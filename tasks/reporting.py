@@ -36,17 +36,23 @@ def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ("wall (s)", manifest.timings.wall_s),
         ("first result after (s)", manifest.timings.first_result_s),
         ("attempts (rows each)", ", ".join(str(int(a["rows"])) for a in manifest.attempts)),
-        ("model", f"{manifest.model['name']} ({manifest.model['engine']})"),
+        ("model", _model_label(manifest)),
     ]
     rows += [(f"errors: {code}", count) for code, count in counts.errors_by_code.items()]
     return [{"metric": name, "value": str(value)} for name, value in rows]
+
+
+def _model_label(manifest: Manifest) -> str:
+    if "steps" in manifest.model:
+        return " -> ".join(f"{s['name']}: {s['source']}" for s in manifest.model["steps"])
+    return f"{manifest.model['name']} ({manifest.model['engine']})"
 
 
 def batch_report_markdown(manifest: Manifest) -> str:
     counts = manifest.counts
     verdict = "within" if counts.error_rate <= manifest.max_error_rate else "**above**"
     lines = [
-        f"# Batch inference: {manifest.model['name']}",
+        f"# {manifest.job.capitalize()}: {_model_label(manifest)}",
         "",
         f"{counts.completed:,} of {counts.total:,} rows completed, {counts.failed:,} failed "
         f"({counts.error_rate:.2%}, {verdict} the {manifest.max_error_rate:.2%} limit).",
@@ -59,6 +65,9 @@ def batch_report_markdown(manifest: Manifest) -> str:
         f"Throughput: {manifest.throughput.rows_per_s} rows/s, "
         f"{manifest.throughput.output_tokens_per_s} output tokens/s over {manifest.timings.wall_s} s.",
     ]
+    if manifest.steps:
+        lines += ["", "| step | rows | errors | tokens in | tokens out |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s['name']} | {s['rows']} | {s['errors']} | {s['tokens_in']} | {s['tokens_out']} |" for s in manifest.steps]
     if counts.errors_by_code:
         lines += ["", "| error code | rows |", "| --- | --- |"]
         lines += [f"| {code} | {count} |" for code, count in counts.errors_by_code.items()]
@@ -67,16 +76,58 @@ def batch_report_markdown(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
+def step_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """Per chain step: rows it finished, rows that failed in it, tokens, and rows/s over the run."""
+    wall = manifest.timings.wall_s or 1e-6
+    return [
+        {
+            "step": step["name"],
+            "model": step["source"],
+            "rows": step["rows"],
+            "errors": step["errors"],
+            "tokens in": step["tokens_in"],
+            "tokens out": step["tokens_out"],
+            "rows/s": round(step["rows"] / wall, 3),
+        }
+        for step in manifest.steps or []
+    ]
+
+
 @task(name="publish-batch-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_batch_report(manifest: Manifest) -> None:
     """Summary table and markdown report artifacts for one batch run."""
+    _publish_report(manifest, "batch", "Batch run")
+
+
+@task(name="publish-chain-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def publish_chain_report(manifest: Manifest) -> None:
+    """Summary, per-step table and markdown report artifacts for one chain run."""
+    _publish_report(manifest, "chain", "Chain run")
     output = manifest.outputs["manifest"].rsplit("/", 1)[0]
-    create_table_artifact(
-        batch_summary_rows(manifest), key=artifact_key("batch-summary", output), description="Batch run summary"
-    )
-    create_markdown_artifact(
-        batch_report_markdown(manifest), key=artifact_key("batch-report", output), description="Batch run report"
-    )
+    create_table_artifact(step_rows(manifest), key=artifact_key("chain-steps", output), description="Chain steps")
+
+
+def _publish_report(manifest: Manifest, kind: str, title: str) -> None:
+    output = manifest.outputs["manifest"].rsplit("/", 1)[0]
+    create_table_artifact(batch_summary_rows(manifest), key=artifact_key(f"{kind}-summary", output), description=f"{title} summary")
+    create_markdown_artifact(batch_report_markdown(manifest), key=artifact_key(f"{kind}-report", output), description=f"{title} report")
+
+
+class ErrorRateExceeded(RuntimeError):
+    """More rows failed than the job allows; results and errors were written first."""
+
+
+def conclude_job(kind: str, output: str, manifest: Manifest, max_error_rate: float) -> None:
+    """Emit `rayllm.<kind>.completed`, or `.failed` and raise when too many rows failed."""
+    payload = {"counts": manifest.counts.model_dump(), "outputs": manifest.outputs, "model": manifest.model, "steps": manifest.steps}
+    counts = manifest.counts
+    if counts.error_rate > max_error_rate:
+        emit_job_event(kind, "failed", output, {**payload, "reason": "error rate above max_error_rate"})
+        raise ErrorRateExceeded(
+            f"{counts.failed} of {counts.total} rows failed ({counts.error_rate:.2%}), "
+            f"above max_error_rate {max_error_rate:.2%}; see {manifest.outputs['errors']}"
+        )
+    emit_job_event(kind, "completed", output, payload)
 
 
 def emit_job_event(job: str, outcome: str, output: str, payload: dict[str, Any]) -> None:

@@ -59,6 +59,7 @@ def test_missing_api_key_env_is_named(monkeypatch):
         resolve_api_key(spec)
 
 
+@pytest.mark.slow
 def test_wrong_api_key_rows_become_errors_not_silent_rows(tmp_path, prefect_server, ray_session, openai_server):
     (tmp_path / "in.jsonl").write_text(openai_line("a", "Is red warm or cool?") + "\n")
     config = BatchJobConfig(

@@ -1,0 +1,65 @@
+"""Chain tasks: prepare, run, finalize a multi-model chain. Each is safe to retry; a retry resumes."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from rayllm_stages.chain import ChainJob
+from rayllm_stages.config import ChainJobConfig
+from rayllm_stages.job import Execution, Preparation
+from rayllm_stages.manifest import Manifest
+
+from .batch import STORAGE_RETRIES, _retry_unless_config_error
+from .progress import ProgressReporter
+from .reporting import artifact_key
+from .secrets import resolve_api_key
+
+
+@task(name="prepare-chain", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def prepare_chain(config: ChainJobConfig, overwrite: bool = False) -> Preparation:
+    """Check the table and every step's template against the columns it may read; start or resume."""
+    preparation = ChainJob(config).prepare(overwrite=overwrite)
+    get_run_logger().info(
+        "chain %s: %d rows, %d already done, steps: %s",
+        config.output, preparation.total_rows, preparation.done_rows, " -> ".join(s.name for s in config.steps),
+    )
+    return preparation
+
+
+@task(
+    name="run-chain",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_unless_config_error,
+)
+def run_chain_steps(config: ChainJobConfig) -> Execution:
+    """Run all steps at once as one pipeline; rows resume at the step after their last saved one.
+
+    Example:
+        ```python
+        @flow
+        def curate(config: ChainJobConfig):
+            connect_ray(config.ray_address)
+            prepare_chain(config)
+            run_chain_steps(config)
+            return finalize_chain(config)
+        ```
+    """
+    keys = {step.name: resolve_api_key(step.model) for step in config.steps}
+    reporter = ProgressReporter(artifact_key("chain-progress", config.output), "Chain")
+    execution = ChainJob(config, api_keys=keys).execute(on_progress=reporter)
+    get_run_logger().info(
+        "attempt %d: %d rows (%d results, %d errors) in %.1f s",
+        execution.attempt, execution.rows, execution.results, execution.errors, execution.seconds,
+    )
+    return execution
+
+
+@task(name="finalize-chain", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def finalize_chain(config: ChainJobConfig, execution: Execution | None = None, flow_run_id: str | None = None) -> Manifest:
+    """Write results.jsonl, errors.jsonl and manifest.json (with per-step counts)."""
+    return ChainJob(config).finalize(flow_run_id=flow_run_id, execution=execution)
