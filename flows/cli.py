@@ -45,15 +45,27 @@ def start_runtimes(ray_address: str | None) -> None:
 
     from rayllm_stages import ray_runtime
 
-    prefect_start = None
+    background = [threading.Thread(target=_import_engine_stack, name="import-engine-stack", daemon=True)]
     if not PREFECT_API_URL.value() and PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
         from prefect.server.api.server import SubprocessASGIServer
 
-        prefect_start = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True)
-        prefect_start.start()
+        background.append(threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True))
+    for thread in background:
+        thread.start()
     ray_runtime.connect(ray_address)
-    if prefect_start is not None:
-        prefect_start.join()
+    for thread in background:
+        thread.join()
+
+
+def _import_engine_stack() -> None:
+    """Import Ray's vLLM stage (torch, transformers, vLLM: seconds) while Ray starts; the
+    processor build would import it anyway. Without vLLM installed (HTTP-only) it is skipped."""
+    import importlib
+
+    try:
+        importlib.import_module("ray.llm._internal.batch.stages.vllm_engine_stage")
+    except ImportError:
+        pass
 
 
 def run_batch_with_progress(config: BatchJobConfig, overwrite: bool, show_progress: bool = True):

@@ -208,7 +208,8 @@ def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[st
         if name == "stop" and not value:
             continue
         if name == "structured_outputs":
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": value["json"]}}
+            schema = json.loads(value["json"]) if isinstance(value["json"], str) else value["json"]
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
             continue
         body[name] = value
     return {"payload": body, "current_step": step.name, ERROR_COLUMN: ""}

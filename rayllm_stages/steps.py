@@ -78,7 +78,9 @@ class TemplateStep:
         self.prompt = prompt
         self.sampling = dict(sampling)
         if json_schema is not None:
-            self.sampling["structured_outputs"] = {"json": json_schema}
+            # A string, not a dict: a nested schema as an Arrow struct breaks Ray Data's block
+            # concatenation when blocks differ; vLLM takes the schema as a JSON string as well.
+            self.sampling["structured_outputs"] = {"json": json.dumps(json_schema)}
         self.output_column = output_column
         self.parse = parse
         self.json_schema = json_schema
