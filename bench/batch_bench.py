@@ -300,11 +300,20 @@ def run_subprocess(
                     _TRACKED.update(seen)
                 except psutil.Error:
                     pass
-            time.sleep(SAMPLE_EVERY_S)
+            try:
+                proc.wait(timeout=SAMPLE_EVERY_S)  # returns at once when it exits: wall is exact
+            except subprocess.TimeoutExpired:
+                pass
         proc.wait()
         run.wall_s = time.monotonic() - started
         run.returncode = proc.returncode
     finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C) or failed while it ran: stop it first
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
         thread.join(timeout=10)
         _ACTIVE.pop(proc.pid, None)
         seen.pop(proc.pid, None)
@@ -720,6 +729,18 @@ def rss_summary(samples: list[tuple[float, int, int]], wall: float) -> dict[str,
 # --------------------------------------------------------------------------------------------
 
 
+def code_version() -> dict[str, Any]:
+    """The commit (a) ran, and whether the package files differed from it (others edit concurrently)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    dirty = git("status", "--porcelain", "--", "rayllm_stages", "flows", "tasks")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "package_files_modified": dirty.splitlines() if dirty else []}
+
+
 def build_model(path: Path) -> Path:
     sys.path.insert(0, str(REPO))
     from rayllm_stages.tiny_models import build_tiny_chat_model
@@ -760,6 +781,7 @@ def main() -> int:
                      "concurrency": CONCURRENCY, "batch_size": BATCH_SIZE, "ray_num_cpus_peer": NUM_CPUS,
                      "warmup": not args.no_warmup, "repeat": args.repeat},
         "definitions": DEFINITIONS,
+        "code_at_start": code_version(),
     }
     exit_code = 0
     try:
@@ -858,6 +880,7 @@ def main() -> int:
     finally:
         cleanup_active()
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        report["code_at_end"] = code_version()
         report["machine"]["load_avg_at_end"] = os.getloadavg()
         _keep_skipped_sections(report, skipped_compare=args.skip_compare, skipped_rss=args.skip_rss)
         (RESULTS / "batch.json").write_text(json.dumps(report, indent=2, default=str))
@@ -921,7 +944,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(bench/results/model), vLLM CPU, max_model_len {s['max_model_len']}, gpu_memory_utilization "
         f"{s['gpu_memory_utilization']}, concurrency {s['concurrency']}, batch_size {s['batch_size']}. "
         f"Machine: {report['machine']['cpus']} CPUs, {report['machine']['ram_gib']} GiB; load average at start "
-        f"{tuple(round(x, 2) for x in report['machine']['load_avg_at_start'])}. Warm-up run per system: {s['warmup']}.",
+        f"{tuple(round(x, 2) for x in report['machine']['load_avg_at_start'])}. Warm-up run per system: {s['warmup']}; "
+        f"measured rounds: {s.get('repeat', 1)}. Code: {report.get('code_at_start')} at start, "
+        f"{report.get('code_at_end')} at the end.",
         "",
         "Definitions:",
         *[f"- {d}" for d in report["definitions"]],

@@ -57,7 +57,7 @@ class ChainFormat(TableFormat):
         return json.dumps(record, ensure_ascii=False, default=str)
 
     def engine_error(self, row: dict[str, Any], message: str) -> tuple[str, str]:
-        step = row.get("current_step") or "?"
+        step = row.get("failed_step") or row.get("current_step") or "?"
         code = engine_error_code(message)
         if code == "engine_error" and message.startswith("step "):
             code = "step_error"
@@ -159,7 +159,7 @@ class ChainJob(LLMJob):
         return json.loads(row.get("usage_json") or "{}")
 
     def failed_step(self, row: dict[str, Any]) -> str | None:
-        return row.get("current_step")
+        return row.get("failed_step") or row.get("current_step")
 
     def step_summaries(self, stats) -> list[dict[str, Any]]:
         summaries = []

@@ -18,7 +18,7 @@ from typing import Any
 from .config import ModelSpec
 from .steps import ERROR_COLUMN, PASSTHROUGH, PayloadStep, StepFailed
 
-ERROR_COLUMNS = (ERROR_COLUMN, "engine_error")
+ERROR_COLUMNS = (ERROR_COLUMN, "engine_error", "rayllm_error")
 # vLLM on CPU reads gpu_memory_utilization as the share of host RAM for the KV cache; its
 # default (0.92) fails at start on CPU, so CPU runs get a small share unless told otherwise.
 CPU_ENGINE_DEFAULTS = {"gpu_memory_utilization": 0.1}
@@ -90,32 +90,35 @@ def upstream_error(row: dict[str, Any]) -> str:
     return next((row[c] for c in ERROR_COLUMNS if row.get(c)), "")
 
 
-def _step_request(row: dict[str, Any], step: Any) -> dict[str, Any] | tuple[list, dict]:
-    """The step's request, or the columns that turn the row into an error row that skips the rest."""
-    error = upstream_error(row)
-    if error:
-        return {ERROR_COLUMN: error}
-    fault = getattr(step, "injected_fault", None)
-    if fault is not None:
-        fault.maybe_fire()
-    try:
-        return step.request(row)
-    except StepFailed as exc:
-        return {ERROR_COLUMN: f"step {step.name}: {exc}", "current_step": step.name}
+# A row that already failed still goes through every later stage, with this placeholder request
+# and one token: rows that skip Ray's stages come out with other columns than the rest, and Ray
+# Data then fails to concatenate the blocks (or fills gaps with nulls that change types).
+_PLACEHOLDER_MESSAGES = [{"role": "user", "content": "."}]
+
+
+def _step_request(row: dict[str, Any], step: Any) -> tuple[list, dict, dict[str, str]]:
+    """(messages, sampling, error columns) for this step; a failed row gets the placeholder."""
+    error, failed_step = upstream_error(row), row.get("failed_step") or ""
+    if error and not failed_step:
+        failed_step = row.get("current_step") or step.name  # a Ray error row from the last step
+    if not error:
+        fault = getattr(step, "injected_fault", None)
+        if fault is not None:
+            fault.maybe_fire()
+        try:
+            messages, sampling = step.request(row)
+            return messages, sampling, {"rayllm_error": "", "failed_step": ""}
+        except StepFailed as exc:
+            error, failed_step = f"step {step.name}: {exc}", step.name
+    sampling = {**getattr(step, "sampling", {}), "max_tokens": 1, "min_tokens": 0}
+    return _PLACEHOLDER_MESSAGES, sampling, {"rayllm_error": error, "failed_step": failed_step}
 
 
 def _vllm_preprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
-    request = _step_request(row, step)
-    if isinstance(request, dict):
-        # The row skips the engine, but its columns must have the types of the rows that do not:
-        # with an empty sampling dict, Arrow turns the block's max_tokens into floats (nullable
-        # ints), and vLLM's engine core dies on a float max_tokens, hanging the stage.
-        placeholder = [{"role": "user", "content": ""}]
-        return {**request, "messages": placeholder, "sampling_params": dict(getattr(step, "sampling", {}))}
-    messages, sampling = request
-    # Ray's stages skip a row whose error column is anything but "" (None included): when another
-    # row of the block is an error row, Arrow fills a missing column with None, so say "" here.
-    return {"messages": messages, "sampling_params": sampling, "current_step": step.name, ERROR_COLUMN: ""}
+    messages, sampling, errors = _step_request(row, step)
+    # ERROR_COLUMN is always "": Ray's stages skip a row whose error column is anything else
+    # (None included, which Arrow puts in a column some rows lack).
+    return {"messages": messages, "sampling_params": sampling, "current_step": step.name, ERROR_COLUMN: "", **errors}
 
 
 def _vllm_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
@@ -127,10 +130,18 @@ def _vllm_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
 
 
 def _step_result(row: dict[str, Any], step: Any, text: str, tokens_in: int, tokens_out: int, latency: float | None, status: int) -> dict[str, Any]:
+    passthrough = {name: row[name] for name in PASSTHROUGH if name in row}
+    carried = row.get("rayllm_error") or ""
+    if carried:  # failed in an earlier step (or in this step's request): pass the error on
+        return {
+            **passthrough, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
+            "latency_s": None, "http_status": 0, "current_step": row["failed_step"], "engine_error": carried,
+            "rayllm_error": carried, "failed_step": row["failed_step"], ERROR_COLUMN: "",
+        }
     usage = json.loads(row.get("usage_json") or "{}")
     usage[step.name] = {"in": tokens_in, "out": tokens_out, "latency_s": latency}
     result = {
-        **{name: row[name] for name in PASSTHROUGH if name in row},
+        **passthrough,
         "usage_json": json.dumps(usage),
         "generated_text": text,
         "num_input_tokens": tokens_in,
@@ -139,12 +150,15 @@ def _step_result(row: dict[str, Any], step: Any, text: str, tokens_in: int, toke
         "http_status": status,
         "current_step": step.name,
         "engine_error": "",
+        "rayllm_error": "",
+        "failed_step": "",
         ERROR_COLUMN: "",  # see _vllm_preprocess: a None here would make later stages skip the row
     }
     try:
         result.update(step.record(row, text))
     except StepFailed as exc:
-        result["engine_error"] = f"step {step.name}: {exc}"
+        message = f"step {step.name}: {exc}"
+        result.update(engine_error=message, rayllm_error=message, failed_step=step.name)
     return result
 
 
@@ -197,10 +211,7 @@ _HTTP_EXTENSION_NEUTRAL = {"top_k": None, "min_tokens": 0, "repetition_penalty":
 
 
 def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[str, Any]:
-    request = _step_request(row, step)
-    if isinstance(request, dict):
-        return {**request, "payload": {}}
-    messages, sampling = request
+    messages, sampling, errors = _step_request(row, step)
     body: dict[str, Any] = {"model": model_name, "messages": messages}
     for name, value in sampling.items():
         if name in _HTTP_EXTENSION_NEUTRAL and value in (_HTTP_EXTENSION_NEUTRAL[name], -1):
@@ -212,13 +223,15 @@ def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[st
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
             continue
         body[name] = value
-    return {"payload": body, "current_step": step.name, ERROR_COLUMN: ""}
+    return {"payload": body, "current_step": step.name, ERROR_COLUMN: "", **errors}
 
 
 def _http_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
     response = row.get("http_response") or {}
     status = int(response.get("rayllm_http_status") or 0)
     choices = response.get("choices")
+    if row.get("rayllm_error"):
+        return _step_result(row, step, "", 0, 0, None, status)
     if status != 200 or response.get("error") or not choices:
         error = response.get("error") or response.get("message") or "response has no choices"
         if isinstance(error, dict):
