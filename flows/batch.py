@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
+from prefect import flow
 
 from rayllm_stages.config import BatchJobConfig
 from rayllm_stages.manifest import Manifest
 from tasks.batch import finalize_batch, prepare_batch, run_batch
-from tasks.reporting import ErrorRateExceeded, conclude_job, emit_job_event, publish_batch_report
-from tasks.runtime import connect_ray
+from tasks.reporting import ErrorRateExceeded, publish_batch_report
+
+from .jobs import run_job
 
 __all__ = ["ErrorRateExceeded", "batch_inference"]
 
@@ -26,17 +26,7 @@ def batch_inference(config: BatchJobConfig, overwrite: bool = False) -> Manifest
         The manifest. The run fails (after writing everything) if the error rate passes
         `config.max_error_rate`.
     """
-    run = FlowRunContext.get()
-    flow_run_id = str(run.flow_run.id) if run and run.flow_run else None
-    try:
-        connect_ray(config.ray_address)
-        preparation = prepare_batch(config, overwrite)
-        execution = None if preparation.already_complete else run_batch(config)
-        manifest = finalize_batch(config, execution, flow_run_id)
-        publish_batch_report(manifest)
-    except Exception as exc:
-        emit_job_event("batch", "failed", config.output, {"reason": f"{type(exc).__name__}: {exc}"[:2000]})
-        raise
-    conclude_job("batch", config.output, manifest, config.max_error_rate)
-    get_run_logger().info("results: %s", manifest.outputs["results"])
-    return manifest
+    return run_job(
+        "batch", config, overwrite,
+        prepare=prepare_batch, run=run_batch, finalize=finalize_batch, publish=publish_batch_report,
+    )

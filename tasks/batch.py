@@ -62,14 +62,16 @@ def prepare_batch(config: BatchJobConfig, overwrite: bool = False) -> Preparatio
     return preparation
 
 
-@task(
-    name="run-batch",
-    cache_policy=NO_CACHE,
+# A retry of an execution step resumes from the committed rows; it does not start over.
+EXECUTION_RETRIES: dict[str, Any] = dict(
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=10),
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_unless_config_error,
 )
+
+
+@task(name="run-batch", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
 def run_batch(config: BatchJobConfig) -> Execution:
     """Run every row not yet committed through the engine; a retry picks up where this stopped.
 

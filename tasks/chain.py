@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from rayllm_stages.chain import ChainJob
 from rayllm_stages.config import ChainJobConfig
 from rayllm_stages.job import Execution, Preparation
 from rayllm_stages.manifest import Manifest
 
-from .batch import STORAGE_RETRIES, _retry_unless_config_error
+from .batch import EXECUTION_RETRIES, STORAGE_RETRIES
 from .progress import ProgressReporter
 from .reporting import artifact_key
 from .secrets import resolve_api_key
@@ -28,14 +27,7 @@ def prepare_chain(config: ChainJobConfig, overwrite: bool = False) -> Preparatio
     return preparation
 
 
-@task(
-    name="run-chain",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_unless_config_error,
-)
+@task(name="run-chain", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
 def run_chain_steps(config: ChainJobConfig) -> Execution:
     """Run all steps at once as one pipeline; rows resume at the step after their last saved one.
 
