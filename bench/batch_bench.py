@@ -769,6 +769,10 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown systems: {sorted(unknown)}")
 
+    def terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)  # `kill PID` cleans up like Ctrl-C
     RESULTS.mkdir(parents=True, exist_ok=True)
     logs = RESULTS / "logs"
     work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
@@ -882,10 +886,13 @@ def main() -> int:
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         report["code_at_end"] = code_version()
         report["machine"]["load_avg_at_end"] = os.getloadavg()
-        _keep_skipped_sections(report, skipped_compare=args.skip_compare, skipped_rss=args.skip_rss)
-        (RESULTS / "batch.json").write_text(json.dumps(report, indent=2, default=str))
-        (RESULTS / "batch.md").write_text(render_markdown(report))
-        print(f"wrote {RESULTS / 'batch.json'} and {RESULTS / 'batch.md'}", flush=True)
+        # An interrupted run does not overwrite the last complete results.
+        stem = "batch-interrupted" if report.get("interrupted") else "batch"
+        if stem == "batch":
+            _keep_skipped_sections(report, skipped_compare=args.skip_compare, skipped_rss=args.skip_rss)
+        (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+        (RESULTS / f"{stem}.md").write_text(render_markdown(report))
+        print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}", flush=True)
         if args.keep_work:
             print(f"kept work dir {work}", flush=True)
         else:
