@@ -964,6 +964,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             parts += [f"(comparison from the run of {report['compare_from_run'].get('started_at')}, settings "
                       f"{report['compare_from_run'].get('settings')})", ""]
         parts += [report["table_md"], ""]
+        rounds = []
+        for key, result in (report.get("results") or {}).items():
+            for i, r in enumerate(result.get("runs") or [result], 1):
+                load = (r.get("load_avg_1m_during") or {}).get("mean")
+                rounds.append(f"- {LABELS.get(key, key)}, round {i}: " + (
+                    f"wall {_fmt(r.get('wall_s'))} s, start-up {_fmt(r.get('startup_s'))} s, "
+                    f"first->last {_fmt(r.get('first_to_last_s'))} s" if r.get("ok") else f"FAILED ({r.get('error')})"
+                ) + f"; 1-min load average during it {_fmt(load)}")
+        if rounds:
+            parts += ["Every round (the load average shows how busy the 2-core machine was):", "", *rounds, ""]
     rss = report.get("rss")
     if rss:
         parts += [
@@ -973,9 +983,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"ok: {rss.get('ok')}, wall {rss.get('wall_s')} s, rows ok {rss.get('rows_ok')}, "
             f"peak {rss.get('peak_rss_mib')} MiB at {rss.get('peak_at_s')} s, "
             f"10%: {rss.get('at_10pct')}, 50%: {rss.get('at_50pct')}, 90%: {rss.get('at_90pct')}, "
-            f"under 2 GiB: {rss.get('under_2_gib')}",
+            f"under 2 GiB: {rss.get('under_2_gib')}; 1-min load average during it "
+            f"{(rss.get('load_avg_1m_during') or {}).get('mean', '-')}",
             "",
         ]
+        inference = rss.get("inference")
+        if inference:
+            parts += [
+                f"While rows flowed ({inference['from_s']} s -> {inference['to_s']} s after launch): RSS "
+                f"{inference['rss_first_mib']} -> {inference['rss_last_mib']} MiB (min {inference['rss_min_mib']}, "
+                f"max {inference['rss_max_mib']}), {inference['growth_kib_per_1000_rows']} KiB per 1,000 rows.",
+                "",
+            ]
     return "\n".join(parts)
 
 
