@@ -109,6 +109,15 @@ class ModelSpec(StrictModel):
                     raise ValueError(f"{name} is only for engine 'http'")
         return self
 
+    def resume_fingerprint(self) -> dict[str, Any]:
+        """The model settings that change results (sizing and retries do not)."""
+        return {
+            "model.source": self.source,
+            "model.engine": self.engine,
+            "model.engine_kwargs": self.engine_kwargs,
+            "model.base_url": self.base_url,
+        }
+
     @property
     def served_name(self) -> str:
         return self.id or Path(self.source.rstrip("/")).name or self.source
@@ -157,10 +166,7 @@ class BatchJobConfig(StrictModel):
             "input": self.input,
             "input_format": self.input_format,
             "id_column": self.id_column,
-            "model.source": self.model.source,
-            "model.engine": self.model.engine,
-            "model.engine_kwargs": self.model.engine_kwargs,
-            "model.base_url": self.model.base_url,
+            **self.model.resume_fingerprint(),
             "sampling": self.sampling.model_dump(),
             "prompt": self.prompt.model_dump() if self.prompt else None,
         }
@@ -263,10 +269,7 @@ class ChainJobConfig(StrictModel):
             "steps": [
                 {
                     "name": s.name,
-                    "model.source": s.model.source,
-                    "model.engine": s.model.engine,
-                    "model.engine_kwargs": s.model.engine_kwargs,
-                    "model.base_url": s.model.base_url,
+                    **s.model.resume_fingerprint(),
                     "prompt": s.prompt.model_dump(),
                     "sampling": s.sampling.model_dump(),
                     "output_column": s.output_column,
