@@ -127,15 +127,26 @@ def _alive(pid: int, created: float) -> bool:
 
 
 def session_processes(session_dir: str) -> list[psutil.Process]:
-    """The processes whose command line names this Ray session's folder (GCS, raylet, monitors)."""
+    """The processes of one Ray session: those whose command line names its folder (GCS, raylet,
+    monitors) and those holding files open in it (agents and workers, whose titles Ray rewrites, and
+    which outlive a raylet that died before them)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == os.getpid():
+            continue
         try:
-            if any(session_dir in part for part in proc.info["cmdline"] or []):
+            if any(session_dir in part for part in proc.info["cmdline"] or []) or _holds_file_in(proc, session_dir):
                 found.append(proc)
         except psutil.Error:
             continue
     return found
+
+
+def _holds_file_in(proc: psutil.Process, folder: str) -> bool:
+    try:
+        return any(f.path.startswith(folder) for f in proc.open_files())
+    except psutil.Error:
+        return False
 
 
 def _kill_session(session_dir: str) -> int:
