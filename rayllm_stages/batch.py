@@ -19,7 +19,6 @@ from typing import Any, Iterator
 from .batch_input import Request, RowError, check_input, count_rows, read_requests
 from .batch_output import OpenAIBatchFormat, TableFormat
 from .config import BatchJobConfig
-from .engines import build_engine_processor
 from .job import Execution, InputRow, LLMJob, Preparation, ResumeRefused, rows_per_block
 
 __all__ = ["BatchJob", "Execution", "Preparation", "ResumeRefused"]
@@ -47,7 +46,7 @@ class BatchJob(LLMJob):
     def pipeline(self, refs: list[Any], attempt: int):
         import ray
 
-        return build_engine_processor(self.config.model, api_key=self.api_key)(ray.data.from_arrow_refs(refs))
+        return self.processor_for(self.config.model, api_key=self.api_key)(ray.data.from_arrow_refs(refs))
 
     def formatter(self, input_format: str) -> OpenAIBatchFormat | TableFormat:
         if input_format == "openai_batch":

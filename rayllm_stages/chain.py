@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from .batch_input import RowError, check_table_input, count_rows, keyed_table_rows, table_columns
 from .batch_output import TableFormat, engine_error_code
 from .config import ChainJobConfig, ConfigError
-from .engines import ERROR_COLUMNS, build_engine_processor
+from .engines import ERROR_COLUMNS
 from .job import InputRow, LLMJob, _to_arrow, rows_per_block
 from .prompts import template_fields
 from .run_log import PartWriter, RunLog, read_part
@@ -131,7 +131,7 @@ class ChainJob(LLMJob):
                 dataset = joining if dataset is None else dataset.union(joining)
             if dataset is None:
                 continue
-            dataset = build_engine_processor(spec.model, step, api_key=self.api_keys.get(step.name))(dataset)
+            dataset = self.processor_for(spec.model, step, api_key=self.api_keys.get(step.name))(dataset)
             if position < last:
                 dataset = dataset.map_batches(
                     save_step_outputs,

@@ -71,7 +71,10 @@ class ModelSpec(StrictModel):
 
     source: str = Field(description="HF id, local folder or s3:// path (vllm); model name (http)")
     id: str | None = Field(None, description="Model name written in outputs; default: the folder name")
-    engine: Literal["vllm", "http"] = "vllm"
+    engine: Literal["vllm", "http", "serve"] = Field(
+        "vllm", description="vllm: an engine per job in Ray Data; http: an OpenAI-compatible URL; serve: a "
+        "Ray Serve LLM engine shared by every step and job that names the same serve_app"
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args")
     concurrency: int | tuple[int, int] = Field(1, description="engine replicas (or min, max)")
     batch_size: int = Field(32, ge=1)
@@ -87,6 +90,12 @@ class ModelSpec(StrictModel):
     api_key_secret: str | None = Field(None, description="engine http: Prefect Secret block name")
     max_retries: int = Field(3, ge=0, description="engine http: retries on 429/5xx/timeouts")
     qps: float | None = Field(None, gt=0, description="engine http: request rate per actor")
+    serve_app: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="engine serve: Serve application name (default rayllm-<id>)"
+    )
+    keep_serving: bool = Field(
+        False, description="engine serve: leave the engine running after the job (share it across jobs)"
+    )
 
     @field_validator("concurrency")
     @classmethod
@@ -107,7 +116,17 @@ class ModelSpec(StrictModel):
             for name in ("base_url", "api_key_env", "api_key_secret", "qps"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} is only for engine 'http'")
+        if self.engine != "serve" and (self.serve_app is not None or self.keep_serving):
+            raise ValueError("serve_app and keep_serving are only for engine 'serve'")
         return self
+
+    def engine_identity(self) -> dict[str, Any]:
+        """What must match for two steps to share one Serve engine."""
+        return {
+            "source": self.source, "id": self.served_name, "engine_kwargs": self.engine_kwargs,
+            "concurrency": self.concurrency, "placement_group_config": self.placement_group_config,
+            "accelerator_type": self.accelerator_type,
+        }
 
     def resume_fingerprint(self) -> dict[str, Any]:
         """The model settings that change results (sizing and retries do not)."""
@@ -121,6 +140,11 @@ class ModelSpec(StrictModel):
     @property
     def served_name(self) -> str:
         return self.id or Path(self.source.rstrip("/")).name or self.source
+
+    @property
+    def serve_app_name(self) -> str:
+        """engine serve: the Serve application hosting this model."""
+        return self.serve_app or f"rayllm-{self.served_name}"
 
 
 class BatchJobConfig(StrictModel):
@@ -259,6 +283,18 @@ class ChainJobConfig(StrictModel):
             repeated = sorted({v for v in values if values.count(v) > 1})
             if repeated:
                 raise ValueError(f"step {kind}s must be unique; repeated: {', '.join(repeated)}")
+        shared: dict[str, ChainStep] = {}
+        for step in self.steps:
+            if step.model.engine != "serve":
+                continue
+            app = step.model.serve_app_name
+            first = shared.setdefault(app, step)
+            if first.model.engine_identity() != step.model.engine_identity():
+                raise ValueError(
+                    f"steps {first.name!r} and {step.name!r} share the Serve engine {app!r} but configure it "
+                    "differently (source, id, engine_kwargs, concurrency or placement); make them equal or "
+                    "give one a serve_app of its own"
+                )
         return self
 
     def resume_fingerprint(self) -> dict[str, Any]:

@@ -37,18 +37,25 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def build_engine_processor(spec: ModelSpec, step: Any = None, *, api_key: str | None = None, gpu: bool | None = None):
-    """A lazy `ray.data.llm` Processor running `step` (default: the batch request) on `spec`'s engine."""
+def build_engine_processor(
+    spec: ModelSpec, step: Any = None, *, api_key: str | None = None, gpu: bool | None = None, served: Any = None
+):
+    """A lazy `ray.data.llm` Processor running `step` (default: the batch request) on `spec`'s engine.
+
+    `served` is the running `serve_engine.ServedEngine` when `spec.engine` is "serve".
+    """
     step = step or PayloadStep()
     if spec.engine == "http":
         return _http_processor(spec, step, api_key)
+    if spec.engine == "serve":
+        if served is None:
+            raise ValueError("engine 'serve' needs the running engine (serve_engine.ensure_engine)")
+        return _serve_processor(spec, step, served)
     return _vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu)
 
 
-def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool = False):
-    """The `vLLMEngineProcessorConfig` for `spec` (CPU placement chosen when there is no GPU)."""
-    from ray.data.llm import vLLMEngineProcessorConfig
-
+def engine_settings(spec: ModelSpec, gpu: bool, structured_outputs: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """vLLM engine kwargs and placement for `spec`: CPU defaults and one CPU bundle without a GPU."""
     engine_kwargs = dict(spec.engine_kwargs)
     if structured_outputs:
         engine_kwargs = {**STRUCTURED_OUTPUTS_ENGINE_DEFAULTS, **engine_kwargs}
@@ -56,6 +63,14 @@ def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool =
     if not gpu:
         engine_kwargs = {**CPU_ENGINE_DEFAULTS, **engine_kwargs}
         placement = placement or CPU_PLACEMENT
+    return engine_kwargs, placement
+
+
+def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool = False):
+    """The `vLLMEngineProcessorConfig` for `spec` (CPU placement chosen when there is no GPU)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    engine_kwargs, placement = engine_settings(spec, gpu, structured_outputs)
     options: dict[str, Any] = dict(
         model_source=spec.source,
         engine_kwargs=engine_kwargs,
@@ -210,8 +225,8 @@ def _status_recording_session():
 _HTTP_EXTENSION_NEUTRAL = {"top_k": None, "min_tokens": 0, "repetition_penalty": 1.0}
 
 
-def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[str, Any]:
-    messages, sampling, errors = _step_request(row, step)
+def openai_chat_body(model_name: str, messages: list[dict[str, Any]], sampling: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat completion body from our engine-side sampling dict."""
     body: dict[str, Any] = {"model": model_name, "messages": messages}
     for name, value in sampling.items():
         if name in _HTTP_EXTENSION_NEUTRAL and value in (_HTTP_EXTENSION_NEUTRAL[name], -1):
@@ -223,28 +238,89 @@ def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[st
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
             continue
         body[name] = value
-    return {"payload": body, "current_step": step.name, ERROR_COLUMN: "", **errors}
+    return body
+
+
+def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[str, Any]:
+    messages, sampling, errors = _step_request(row, step)
+    return {"payload": openai_chat_body(model_name, messages, sampling), "current_step": step.name, ERROR_COLUMN: "", **errors}
 
 
 def _http_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
     response = row.get("http_response") or {}
     status = int(response.get("rayllm_http_status") or 0)
+    return _chat_response_result(row, step, response, status, latency=None)  # Ray's HTTP stage does not time requests
+
+
+def _chat_response_result(row: dict[str, Any], step: Any, response: dict[str, Any], status: int, latency: float | None) -> dict[str, Any]:
+    """The step result of an OpenAI chat completion response (or of its error body)."""
     choices = response.get("choices")
     if row.get("rayllm_error"):
         return _step_result(row, step, "", 0, 0, None, status)
-    if status != 200 or response.get("error") or not choices:
+    if status != 200 or response.get("error") or choices is None or len(choices) == 0:
         error = response.get("error") or response.get("message") or "response has no choices"
         if isinstance(error, dict):
             error = error.get("message") or json.dumps(error)
-        result = _step_result(row, step, "", 0, 0, None, status)  # Ray's HTTP stage does not time requests
+        result = _step_result(row, step, "", 0, 0, None, status)
         result["engine_error"] = f"HTTP {status}: {error}"
         return result
     usage = response.get("usage") or {}
     message = choices[0].get("message") or {}
     return _step_result(
         row, step, message.get("content") or "", int(usage.get("prompt_tokens") or 0),
-        int(usage.get("completion_tokens") or 0), None, status,
+        int(usage.get("completion_tokens") or 0), latency, status,
     )
+
+
+def _serve_processor(spec: ModelSpec, step: Any, served: Any):
+    from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
+
+    from .serve_requests import ChatRequestFromJson
+
+    options: dict[str, Any] = dict(
+        deployment_name=served.deployment_name,
+        app_name=served.app_name,
+        dtype_mapping={"ChatRequestFromJson": ChatRequestFromJson},
+        should_continue_on_error=True,
+        batch_size=spec.batch_size,
+        concurrency=1,  # callers only; the engine's replicas come from spec.concurrency on the Serve side
+    )
+    options.update(spec.processor_kwargs)
+    return build_processor(
+        ServeDeploymentProcessorConfig(**options),
+        preprocess=functools.partial(_serve_preprocess, model_name=served.model_id, step=step),
+        postprocess=functools.partial(_serve_postprocess, step=step),
+        preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
+        postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
+    )
+
+
+def _error_status(error: Any) -> int:
+    code = error.get("code") if isinstance(error, dict) else None
+    return int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else 400
+
+
+def _serve_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[str, Any]:
+    from .serve_requests import BODY_FIELD
+
+    messages, sampling, errors = _step_request(row, step)
+    body = openai_chat_body(model_name, messages, sampling)
+    return {
+        "method": "chat",
+        "dtype": "ChatRequestFromJson",
+        "request_kwargs": {BODY_FIELD: json.dumps(body)},
+        "current_step": step.name,
+        ERROR_COLUMN: "",
+        **errors,
+    }
+
+
+def _serve_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
+    # The stage merges the deployment's reply into the row: choices and usage on success, error on refusal.
+    response = {name: row.get(name) for name in ("choices", "usage", "error", "message")}
+    status = _error_status(response["error"]) if response["error"] else 200
+    latency = row.get("time_taken")
+    return _chat_response_result(row, step, response, status, float(latency) if latency is not None else None)
 
 
 def engine_error_of(row: dict[str, Any]) -> str:

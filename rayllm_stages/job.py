@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
 from .batch_input import RowError
 from .config import ConfigError
-from .engines import engine_error_of
+from .config import ModelSpec
+from .engines import build_engine_processor, cluster_has_gpu, engine_error_of
 from .manifest import Manifest, Timings, build_counts, build_throughput
 from .run_log import RunLog
 from .storage import Location
@@ -85,6 +86,8 @@ class LLMJob:
         self.results_file = self.output.child("results.jsonl")
         self.errors_file = self.output.child("errors.jsonl")
         self.manifest_file = self.output.child("manifest.json")
+        self._served_engines: dict[str, tuple[Any, bool]] = {}  # Serve app -> (engine, keep_serving)
+        self.engines_used: list[Any] = []  # every ServedEngine this job used, for the manifest
 
     # -- what subclasses define ------------------------------------------------------------
     def check_input(self) -> str:
@@ -123,6 +126,29 @@ class LLMJob:
 
     def step_summaries(self, stats) -> list[dict[str, Any]] | None:
         return None
+
+    def processor_for(self, spec: ModelSpec, step: Any = None, api_key: str | None = None):
+        """The processor for one model; a Serve-hosted engine is deployed (or found) once per job."""
+        served = None
+        if spec.engine == "serve":
+            from .serve_engine import ensure_engine
+
+            app = spec.serve_app_name
+            if app not in self._served_engines:
+                engine = ensure_engine(spec, cluster_has_gpu())
+                self._served_engines[app] = (engine, spec.keep_serving)
+                self.engines_used.append(engine)
+                self.log.record_engine(asdict(engine))
+            served = self._served_engines[app][0]
+        return build_engine_processor(spec, step, api_key=api_key, served=served)
+
+    def release_engines(self) -> None:
+        """Delete the Serve engines this job deployed (unless kept); a retry deploys them again."""
+        from .serve_engine import release_engine
+
+        for engine, keep in self._served_engines.values():
+            release_engine(engine, keep)
+        self._served_engines.clear()
 
     # -- prepare ---------------------------------------------------------------------------
     def prepare(self, overwrite: bool = False) -> Preparation:
@@ -219,6 +245,7 @@ class LLMJob:
                         report()
         finally:
             writer.commit()
+            self.release_engines()
         report()
         return Execution(
             attempt=attempt,
@@ -266,6 +293,7 @@ class LLMJob:
             flow_run_id=flow_run_id,
             max_error_rate=self.config.max_error_rate,
             steps=self.step_summaries(stats),
+            engines=self.log.read_engines(),
             **self.manifest_fields(),
         )
         self.manifest_file.write_json(manifest.model_dump(mode="json"))

@@ -70,6 +70,9 @@ class Manifest(BaseModel):
     model: dict[str, Any]
     sampling: dict[str, Any]
     steps: list[dict[str, Any]] | None = Field(None, description="chains: per step rows, errors, tokens")
+    engines: list[dict[str, Any]] = Field(
+        default_factory=list, description="Serve-hosted engines used: app, deployment, deployed by this run or reused"
+    )
     prompt_template_hash: str | None
     counts: Counts
     timings: Timings

@@ -69,6 +69,14 @@ class RunLog:
         self.root = output.child("_rayllm")
         self.parts = self.root.child("parts")
         self.job_file = self.root.child("job.json")
+        self.engines_file = self.root.child("engines.json")
+
+    def record_engine(self, engine: dict[str, Any]) -> None:
+        """Note a Serve-hosted engine an attempt used (written once per engine and attempt)."""
+        self.engines_file.write_json([*self.read_engines(), engine])
+
+    def read_engines(self) -> list[dict[str, Any]]:
+        return self.engines_file.read_json() if self.engines_file.exists() else []
 
     def read_job(self) -> dict[str, Any] | None:
         return self.job_file.read_json() if self.job_file.exists() else None

@@ -133,3 +133,46 @@ def test_rerun_after_fault_in_step_two_does_not_recompute_step_one(tmp_path, ray
     results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert sorted(r["cid"] for r in results) == sorted(r["cid"] for r in rows)
     assert all(r["answer"] == ANSWER[r["colour"]] for r in results)
+
+
+@pytest.mark.slow
+def test_steps_and_runs_share_one_serve_engine(tmp_path, prefect_server, ray_session, tiny_models):
+    from ray import serve
+
+    from flows.chain import run_chain
+    from rayllm_stages.serve_engine import delete_engine
+
+    shared = {"source": str(tiny_models["good"]), "engine": "serve", "serve_app": "rayllm-test-shared",
+              "keep_serving": True, "engine_kwargs": {"max_model_len": 256}, "batch_size": 8}
+    too_long = {"cid": "too-long", "colour": "red " * 400}
+    source = colour_table(tmp_path / "in.jsonl", extra=[too_long])
+
+    def config(output: str) -> ChainJobConfig:
+        return ChainJobConfig.model_validate({
+            "input": str(source), "output": str(tmp_path / output), "id_column": "cid", "max_error_rate": 0.2,
+            "steps": [
+                {"name": "answer", "model": shared, "prompt": {"user": "Is {{ colour }} warm or cool?"},
+                 "sampling": {"max_tokens": 8}, "output_column": "answer"},
+                {"name": "score", "model": shared, "prompt": {"user": "Score: {{ answer }}"}, "sampling": {"max_tokens": 24},
+                 "output_column": "score", "parse": "json", "json_schema": SCORE_SCHEMA},
+            ],
+        })
+
+    try:
+        first = run_chain(config("first"))
+        second = run_chain(config("second"))
+        app = serve.status().applications["rayllm-test-shared"]
+        (deployment,) = app.deployments.values()
+        assert deployment.replica_states == {"RUNNING": 1}, "one engine for both steps and both runs"
+    finally:
+        delete_engine("rayllm-test-shared")
+    assert [e["deployed_here"] for e in first.engines] == [True]
+    assert [e["deployed_here"] for e in second.engines] == [False]
+    assert "rayllm-test-shared" not in serve.status().applications
+
+    results = [json.loads(line) for line in (tmp_path / "first" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["colour"] for r in results) == sorted(COLOURS)
+    assert all(r["answer"] == ANSWER[r["colour"]] and r["score"]["score"] in (1, 2, 3, 4, 5) for r in results)
+    (error,) = [json.loads(line) for line in (tmp_path / "first" / "errors.jsonl").read_text().splitlines()]
+    assert error["row_id"] == "too-long" and error["failed_step"] == "answer"
+    assert "256" in error["error"]["message"], error  # the engine's reason (context length) is kept
