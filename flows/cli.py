@@ -156,6 +156,66 @@ def _run_job_command(flow_fn, label, model, config_file, overwrite, input, outpu
 
 
 @app.command()
+def evaluate(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Evaluation config (YAML)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds answers made with other settings."),
+    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Evaluate one or more models or endpoints on a dataset: metrics with bootstrap intervals,
+    an optional LLM judge, deltas against a baseline, and a gate.
+
+    Writes scores.jsonl, metrics.json, report.md and plots/ to the output location. Exit code 0:
+    the gate passed; 1: the gate (or the run) failed; 2: bad config or dataset.
+    """
+    from flows.evaluation import evaluate as evaluate_flow
+    from rayllm_stages.eval_config import EvaluationConfig
+
+    overrides = {k: v for k, v in {"output": output, "ray_address": ray_address}.items() if v}
+    config = _load(EvaluationConfig, config_file, overrides)
+    _quiet_ray_logs()
+    try:
+        result = run_with_progress(evaluate_flow, "evaluate", config, overwrite, show_progress=progress)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        _print_verdicts(config.output, config.storage_options)
+        console.print(f"[red]evaluate failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    _print_verdicts(config.output, config.storage_options)
+    console.print(f"[green]{'passed' if result.passed else 'gate failed (fail_flow is off)'}[/]")
+    for name, url in result.outputs.items():
+        if not name.startswith("plot:"):
+            typer.echo(f"{name}: {url}")
+
+
+def _print_verdicts(output: str, storage_options: dict) -> None:
+    """The per-target summary and gate of the run's metrics.json, if it got that far."""
+    from rich.table import Table
+
+    from rayllm_stages.evaluation import EvaluationResult
+    from rayllm_stages.storage import Location
+
+    metrics = Location(output, storage_options).child("metrics.json")
+    if not metrics.exists():
+        return
+    result = EvaluationResult.model_validate(metrics.read_json())
+    table = Table("target", "metric", "mean", "interval", "gate")
+    for name, summary in result.summaries.items():
+        verdict = result.verdicts[name]
+        for metric, value in summary.metrics.items():
+            checks = [c for c in verdict.checks if c.metric == metric]
+            gate = ", ".join(("pass " if c.passed else "FAIL ") + c.name for c in checks)
+            mean = "-" if value.mean is None else f"{value.mean:.3f}"
+            interval = "-" if value.ci_low is None else f"[{value.ci_low:.3f}, {value.ci_high:.3f}]"
+            table.add_row(name, metric, mean, interval, gate)
+        table.add_row(name, "(examples failed)", f"{summary.failed}/{summary.examples}", "", "pass" if verdict.passed else "FAIL")
+    console.print(table)
+
+
+@app.command()
 def validate(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job config (YAML)."),
 ) -> None:

@@ -201,11 +201,15 @@ def _http_processor(spec: ModelSpec, step: Any, api_key: str | None):
 
 
 def _status_recording_session():
-    """An aiohttp session whose JSON bodies carry the HTTP status, and whose non-JSON bodies
-    become JSON error bodies instead of failing the whole Ray job."""
+    """An aiohttp session whose JSON bodies carry the HTTP status and the request's latency, and
+    whose non-JSON bodies become JSON error bodies instead of failing the whole Ray job."""
+    import time
+
     import aiohttp
 
     class StatusRecordingResponse(aiohttp.ClientResponse):
+        rayllm_latency_s: float | None = None
+
         async def json(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
             text = await self.text()
             try:
@@ -215,9 +219,19 @@ def _status_recording_session():
             if not isinstance(body, dict):
                 body = {"error": {"message": f"non-JSON response: {text[:300]}", "type": "invalid_response"}}
             body["rayllm_http_status"] = self.status
+            body["rayllm_latency_s"] = self.rayllm_latency_s
             return body
 
-    return aiohttp.ClientSession(response_class=StatusRecordingResponse)
+    async def started(session: Any, context: Any, params: Any) -> None:
+        context.started = time.perf_counter()
+
+    async def answered(session: Any, context: Any, params: Any) -> None:
+        params.response.rayllm_latency_s = time.perf_counter() - context.started
+
+    timing = aiohttp.TraceConfig()
+    timing.on_request_start.append(started)
+    timing.on_request_end.append(answered)
+    return aiohttp.ClientSession(response_class=StatusRecordingResponse, trace_configs=[timing])
 
 
 # OpenAI-compatible names of our sampling fields; top_k, min_tokens and repetition_penalty are
@@ -249,7 +263,8 @@ def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[st
 def _http_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
     response = row.get("http_response") or {}
     status = int(response.get("rayllm_http_status") or 0)
-    return _chat_response_result(row, step, response, status, latency=None)  # Ray's HTTP stage does not time requests
+    latency = response.get("rayllm_latency_s")
+    return _chat_response_result(row, step, response, status, latency=float(latency) if latency is not None else None)
 
 
 def _chat_response_result(row: dict[str, Any], step: Any, response: dict[str, Any], status: int, latency: float | None) -> dict[str, Any]:

@@ -46,6 +46,10 @@ class Location:
         with self.open("w", encoding="utf-8") as handle:
             handle.write(text)
 
+    def write_bytes(self, data: bytes) -> None:
+        with self.open("wb") as handle:
+            handle.write(data)
+
     def read_json(self) -> Any:
         return json.loads(self.read_text())
 

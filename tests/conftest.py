@@ -93,7 +93,8 @@ def openai_server(tiny_models):
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["good"]),
          "--served-model-name", "tiny-good", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--api-key", OPENAI_SERVER_KEY],
+         "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--api-key", OPENAI_SERVER_KEY,
+         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     base_url = f"http://127.0.0.1:{port}/v1"
