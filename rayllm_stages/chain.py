@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from .batch_input import RowError, check_table_input, count_rows, keyed_table_rows, table_columns
 from .batch_output import TableFormat, engine_error_code
 from .config import ChainJobConfig, ConfigError
-from .engines import ERROR_COLUMNS
+from .engines import ERROR_COLUMNS, cpu_core_sets
 from .job import InputRow, LLMJob, _to_arrow, rows_per_block
 from .prompts import template_fields
 from .run_log import PartWriter, RunLog, read_part
@@ -125,13 +125,16 @@ class ChainJob(LLMJob):
         for next_step, row in self.resume_points().values():
             by_step.setdefault(next_step, []).append(row)
         last = len(self.steps) - 1
+        in_process = [i for i, s in enumerate(self.config.steps) if s.model.engine == "vllm"]
+        core_sets = dict(zip(in_process, cpu_core_sets(len(in_process)) or []))
         for position, (spec, step) in enumerate(zip(self.config.steps, self.steps)):
             if by_step.get(position):
                 joining = ray.data.from_arrow(_to_arrow(by_step[position]))
                 dataset = joining if dataset is None else dataset.union(joining)
             if dataset is None:
                 continue
-            dataset = self.processor_for(spec.model, step, api_key=self.api_keys.get(step.name))(dataset)
+            processor = self.processor_for(spec.model, step, api_key=self.api_keys.get(step.name), cpu_cores=core_sets.get(position))
+            dataset = processor(dataset)
             if position < last:
                 dataset = dataset.map_batches(
                     save_step_outputs,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any
 
 from .config import ModelSpec
@@ -38,11 +39,13 @@ def cluster_has_gpu() -> bool:
 
 
 def build_engine_processor(
-    spec: ModelSpec, step: Any = None, *, api_key: str | None = None, gpu: bool | None = None, served: Any = None
+    spec: ModelSpec, step: Any = None, *, api_key: str | None = None, gpu: bool | None = None, served: Any = None,
+    cpu_cores: str | None = None,
 ):
     """A lazy `ray.data.llm` Processor running `step` (default: the batch request) on `spec`'s engine.
 
-    `served` is the running `serve_engine.ServedEngine` when `spec.engine` is "serve".
+    `served` is the running `serve_engine.ServedEngine` when `spec.engine` is "serve"; `cpu_cores`
+    ("0-3") pins a CPU vLLM engine's threads to those cores (see `cpu_core_sets`).
     """
     step = step or PayloadStep()
     if spec.engine == "http":
@@ -51,7 +54,31 @@ def build_engine_processor(
         if served is None:
             raise ValueError("engine 'serve' needs the running engine (serve_engine.ensure_engine)")
         return _serve_processor(spec, step, served)
-    return _vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu)
+    return _vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu, cpu_cores)
+
+
+def cpu_core_sets(engines: int) -> list[str] | None:
+    """Disjoint core ranges for `engines` CPU vLLM engines running at once on this machine.
+
+    vLLM's CPU engine binds its OpenMP threads to every core by default; two engines doing so
+    spin against each other and run slower together than one after the other. None when there
+    is one engine, too few cores, the cluster has GPUs or more than one node, or the user pins
+    threads through VLLM_CPU_OMP_THREADS_BIND.
+    """
+    import ray
+
+    if engines < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ or cluster_has_gpu():
+        return None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) != 1 or nodes[0].get("NodeManagerAddress") != ray.util.get_node_ip_address():
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < engines:
+        return None
+    size = len(cores) // engines
+    chunks = [cores[i * size:(i + 1) * size] for i in range(engines)]
+    chunks[-1].extend(cores[engines * size:])
+    return [",".join(str(c) for c in chunk) for chunk in chunks]
 
 
 def engine_settings(spec: ModelSpec, gpu: bool, structured_outputs: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -66,7 +93,7 @@ def engine_settings(spec: ModelSpec, gpu: bool, structured_outputs: bool = False
     return engine_kwargs, placement
 
 
-def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool = False):
+def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool = False, cpu_cores: str | None = None):
     """The `vLLMEngineProcessorConfig` for `spec` (CPU placement chosen when there is no GPU)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
@@ -83,16 +110,18 @@ def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool =
         tokenize_stage=dict(LIGHT_STAGE),
         detokenize_stage=dict(LIGHT_STAGE),
     )
+    if cpu_cores and not gpu:
+        options["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cpu_cores}}
     options.update(spec.processor_kwargs)
     return vLLMEngineProcessorConfig(**options)
 
 
-def _vllm_processor(spec: ModelSpec, step: Any, gpu: bool):
+def _vllm_processor(spec: ModelSpec, step: Any, gpu: bool, cpu_cores: str | None = None):
     from ray.data.llm import build_processor
 
     structured = bool(getattr(step, "json_schema", None))
     return build_processor(
-        vllm_processor_config(spec, gpu, structured_outputs=structured),
+        vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores),
         preprocess=functools.partial(_vllm_preprocess, step=step),
         postprocess=functools.partial(_vllm_postprocess, step=step),
         preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),

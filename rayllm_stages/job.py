@@ -127,7 +127,7 @@ class LLMJob:
     def step_summaries(self, stats) -> list[dict[str, Any]] | None:
         return None
 
-    def processor_for(self, spec: ModelSpec, step: Any = None, api_key: str | None = None):
+    def processor_for(self, spec: ModelSpec, step: Any = None, api_key: str | None = None, cpu_cores: str | None = None):
         """The processor for one model; a Serve-hosted engine is deployed (or found) once per job."""
         served = None
         if spec.engine == "serve":
@@ -140,7 +140,7 @@ class LLMJob:
                 self.engines_used.append(engine)
                 self.log.record_engine(asdict(engine))
             served = self._served_engines[app][0]
-        return build_engine_processor(spec, step, api_key=api_key, served=served)
+        return build_engine_processor(spec, step, api_key=api_key, served=served, cpu_cores=cpu_cores)
 
     def release_engines(self) -> None:
         """Delete the Serve engines this job deployed (unless kept); a retry deploys them again."""
