@@ -120,9 +120,10 @@ def _vllm_processor(spec: ModelSpec, step: Any, gpu: bool, cpu_cores: str | None
     from ray.data.llm import build_processor
 
     structured = bool(getattr(step, "json_schema", None))
+    guard = PromptLengthGuard(spec.source, spec.engine_kwargs.get("max_model_len"))
     return build_processor(
         vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores),
-        preprocess=functools.partial(_vllm_preprocess, step=step),
+        preprocess=functools.partial(_vllm_preprocess, step=step, guard=guard),
         postprocess=functools.partial(_vllm_postprocess, step=step),
         preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
         postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
@@ -140,7 +141,46 @@ def upstream_error(row: dict[str, Any]) -> str:
 _PLACEHOLDER_MESSAGES = [{"role": "user", "content": "."}]
 
 
-def _step_request(row: dict[str, Any], step: Any) -> tuple[list, dict, dict[str, str]]:
+class PromptLengthGuard:
+    """Refuses a prompt longer than the model's context before it reaches Ray's vLLM stage.
+
+    Ray turns such a prompt into an error row whose columns differ in type from its success rows
+    (no `metrics` struct, null token lists); when a batch holds only such rows, Ray Data cannot
+    concatenate the blocks and the whole job fails. Refused here, the row takes the placeholder
+    path like every other failed row, with the reason. Picklable: the tokenizer loads lazily.
+    """
+
+    def __init__(self, source: str, max_model_len: int | None):
+        self.source = source
+        self.max_model_len = max_model_len
+
+    def problem(self, messages: list[dict[str, Any]]) -> str | None:
+        loaded = _tokenizer_and_limit(self.source, self.max_model_len)
+        if loaded is None:
+            return None
+        tokenizer, limit = loaded
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens < limit:
+            return None
+        return f"prompt is {tokens} tokens; this model's maximum context length is {limit} tokens"
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_and_limit(source: str, max_model_len: int | None):
+    """(tokenizer, context length) of a model, or None when they cannot be read here (the
+    engine then reports long prompts itself)."""
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        limit = max_model_len or getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+        return (tokenizer, int(limit)) if limit else None
+    except Exception:
+        return None
+
+
+def _step_request(row: dict[str, Any], step: Any, guard: PromptLengthGuard | None = None) -> tuple[list, dict, dict[str, str]]:
     """(messages, sampling, error columns) for this step; a failed row gets the placeholder."""
     error, failed_step = upstream_error(row), row.get("failed_step") or ""
     if error and not failed_step:
@@ -151,15 +191,18 @@ def _step_request(row: dict[str, Any], step: Any) -> tuple[list, dict, dict[str,
             fault.maybe_fire()
         try:
             messages, sampling = step.request(row)
-            return messages, sampling, {"rayllm_error": "", "failed_step": ""}
+            too_long = guard.problem(messages) if guard is not None else None
+            if too_long is None:
+                return messages, sampling, {"rayllm_error": "", "failed_step": ""}
+            error, failed_step = too_long if isinstance(step, PayloadStep) else f"step {step.name}: {too_long}", step.name
         except StepFailed as exc:
             error, failed_step = f"step {step.name}: {exc}", step.name
     sampling = {**getattr(step, "sampling", {}), "max_tokens": 1, "min_tokens": 0}
     return _PLACEHOLDER_MESSAGES, sampling, {"rayllm_error": error, "failed_step": failed_step}
 
 
-def _vllm_preprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
-    messages, sampling, errors = _step_request(row, step)
+def _vllm_preprocess(row: dict[str, Any], step: Any, guard: PromptLengthGuard | None = None) -> dict[str, Any]:
+    messages, sampling, errors = _step_request(row, step, guard)
     # ERROR_COLUMN is always "": Ray's stages skip a row whose error column is anything else
     # (None included, which Arrow puts in a column some rows lack).
     return {"messages": messages, "sampling_params": sampling, "current_step": step.name, ERROR_COLUMN: "", **errors}
