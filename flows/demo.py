@@ -1,4 +1,4 @@
-"""`rayllm demo`: the batch spine end to end on this machine, with nothing but the package installed."""
+"""`rayllm demo`: a batch run and an evaluation end to end on this machine, with nothing but the package installed."""
 
 from __future__ import annotations
 
@@ -61,9 +61,43 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
         local_copy.mkdir(parents=True, exist_ok=True)
         for name in ("results.jsonl", "errors.jsonl", "manifest.json"):
             fs.get(f"{BUCKET}/run-1/{name}", str(local_copy / name))
+        _print_summary(console, manifest, local_copy)
+        evaluation = _run_evaluation(s3, model_dir)
+        (local_copy.parent / "eval-1").mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.json", "report.md"):
+            fs.get(f"{BUCKET}/eval-1/{name}", str(local_copy.parent / "eval-1" / name))
     finally:
         s3.stop()
-    _print_summary(console, manifest, local_copy)
+    summary = evaluation.summaries["tiny-chat"].metrics["exact_match"]
+    console.print(f"\n[bold]evaluation: gate {'passed' if evaluation.passed else 'FAILED'}[/]; exact match "
+                  f"{summary.mean:.2f} (95% interval {summary.ci_low:.2f}-{summary.ci_high:.2f}); "
+                  f"report copied to {local_copy.parent / 'eval-1' / 'report.md'}")
+    console.print("the flow runs' reports and summaries are artifacts in the Prefect UI (run `prefect server start` "
+                  "first and set PREFECT_API_URL to keep them after the demo)")
+
+
+def _run_evaluation(s3, model_dir: Path):
+    """The same model on the toy task's evaluation set, with a gate it should pass."""
+    from flows.cli import run_with_progress
+    from flows.evaluation import evaluate
+    from rayllm_stages.eval_config import EvaluationConfig
+
+    fs = s3.filesystem()
+    with fs.open(f"{BUCKET}/eval.jsonl", "w") as handle:
+        for number, (question, answer) in enumerate(TOY_TASK * 2):
+            handle.write(json.dumps({"qid": f"q{number}", "question": question, "answer": answer, "tags": [answer]}) + "\n")
+    config = EvaluationConfig(
+        name="demo-colours",
+        dataset={"path": f"s3://{BUCKET}/eval.jsonl", "id_field": "qid", "input_field": "question", "reference_field": "answer"},
+        output=f"s3://{BUCKET}/eval-1/",
+        targets=[{"name": "tiny-chat", "model": {"source": str(model_dir), "engine_kwargs": {"max_model_len": 256}}}],
+        prompt={"user": "{{ question }}"},
+        sampling={"temperature": 0.0, "max_tokens": 8},
+        metrics=[{"type": "exact_match"}, {"type": "latency"}],
+        gate={"min": {"exact_match": 0.8}},
+        storage_options=s3.storage_options,
+    )
+    return run_with_progress(evaluate, "evaluate", config, overwrite=True)
 
 
 def _print_summary(console: Console, manifest, local_copy: Path) -> None:
@@ -77,5 +111,3 @@ def _print_summary(console: Console, manifest, local_copy: Path) -> None:
             console.print(f"  {record['custom_id']}: {answer!r}")
     console.print(f"results (S3): {manifest.outputs['results']}")
     console.print(f"outputs copied to {local_copy}: results.jsonl, errors.jsonl, manifest.json")
-    console.print("the flow run's report and summary are artifacts in the Prefect UI (run `prefect server start` "
-                  "first and set PREFECT_API_URL to keep them after the demo)")

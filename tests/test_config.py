@@ -82,6 +82,11 @@ def test_unknown_processor_kwarg_is_rejected_by_ray():
 def test_example_configs_are_valid():
     from conftest import REPO
 
-    for path in sorted((REPO / "examples").glob("batch-*.yaml")):
-        config = load_config(BatchJobConfig, path)
-        assert config.model.source, path
+    from rayllm_stages.config import ChainJobConfig
+    from rayllm_stages.eval_config import EvaluationConfig
+
+    kinds = {"batch": BatchJobConfig, "chain": ChainJobConfig, "eval": EvaluationConfig}
+    paths = sorted((REPO / "examples").glob("*.yaml"))
+    assert {p.name.split("-")[0] for p in paths} == set(kinds), paths
+    for path in paths:
+        assert load_config(kinds[path.name.split("-")[0]], path), path

@@ -14,13 +14,16 @@ def test_demo_runs_everything_locally(tmp_path, prefect_server, ray_session):
     assert manifest["counts"] == {**manifest["counts"], "total": 26, "completed": 24, "failed": 2}
     assert manifest["input"]["url"].startswith("s3://rayllm-demo/")
     assert len((tmp_path / "run-1" / "results.jsonl").read_text().splitlines()) == 24
+    evaluation = json.loads((tmp_path / "eval-1" / "metrics.json").read_text())
+    assert evaluation["passed"] is True
+    assert evaluation["summaries"]["tiny-chat"]["metrics"]["exact_match"]["mean"] == 1.0
 
 
 def test_help_documents_every_command():
     runner = CliRunner()
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0
-    for command in ("batch", "validate", "make-tiny-model", "demo"):
+    for command in ("batch", "chain", "evaluate", "validate", "make-tiny-model", "demo"):
         assert command in top.output
         assert runner.invoke(app, [command, "--help"]).exit_code == 0
 
