@@ -117,14 +117,23 @@ def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool =
 
 
 def _vllm_processor(spec: ModelSpec, step: Any, gpu: bool, cpu_cores: str | None = None):
-    from ray.data.llm import build_processor
-
     structured = bool(getattr(step, "json_schema", None))
     guard = PromptLengthGuard(spec.source, spec.engine_kwargs.get("max_model_len"))
-    return build_processor(
+    return _processor(
         vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores),
-        preprocess=functools.partial(_vllm_preprocess, step=step, guard=guard),
-        postprocess=functools.partial(_vllm_postprocess, step=step),
+        functools.partial(_vllm_preprocess, step=step, guard=guard),
+        functools.partial(_vllm_postprocess, step=step),
+    )
+
+
+def _processor(config: Any, preprocess: Any, postprocess: Any):
+    """A `ray.data.llm` processor with our light pre/post maps (see LIGHT_MAP_KWARGS)."""
+    from ray.data.llm import build_processor
+
+    return build_processor(
+        config,
+        preprocess=preprocess,
+        postprocess=postprocess,
         preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
         postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
     )
@@ -250,7 +259,7 @@ def _step_result(row: dict[str, Any], step: Any, text: str, tokens_in: int, toke
 
 
 def _http_processor(spec: ModelSpec, step: Any, api_key: str | None):
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+    from ray.data.llm import HttpRequestProcessorConfig
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     options: dict[str, Any] = dict(
@@ -263,12 +272,10 @@ def _http_processor(spec: ModelSpec, step: Any, api_key: str | None):
         session_factory=_status_recording_session,
     )
     options.update(spec.processor_kwargs)
-    return build_processor(
+    return _processor(
         HttpRequestProcessorConfig(**options),
-        preprocess=functools.partial(_http_preprocess, model_name=spec.source, step=step),
-        postprocess=functools.partial(_http_postprocess, step=step),
-        preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
-        postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
+        functools.partial(_http_preprocess, model_name=spec.source, step=step),
+        functools.partial(_http_postprocess, step=step),
     )
 
 
@@ -360,7 +367,7 @@ def _chat_response_result(row: dict[str, Any], step: Any, response: dict[str, An
 
 
 def _serve_processor(spec: ModelSpec, step: Any, served: Any):
-    from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
+    from ray.data.llm import ServeDeploymentProcessorConfig
 
     from .serve_requests import ChatRequestFromJson
 
@@ -373,12 +380,10 @@ def _serve_processor(spec: ModelSpec, step: Any, served: Any):
         concurrency=1,  # callers only; the engine's replicas come from spec.concurrency on the Serve side
     )
     options.update(spec.processor_kwargs)
-    return build_processor(
+    return _processor(
         ServeDeploymentProcessorConfig(**options),
-        preprocess=functools.partial(_serve_preprocess, model_name=served.model_id, step=step),
-        postprocess=functools.partial(_serve_postprocess, step=step),
-        preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
-        postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
+        functools.partial(_serve_preprocess, model_name=served.model_id, step=step),
+        functools.partial(_serve_postprocess, step=step),
     )
 
 

@@ -27,19 +27,22 @@ PASSTHROUGH = ("row_index", "row_key", "row_json", "usage_json", "payload_json")
 
 
 class InjectedFault:
-    """Test-only: crash a step's worker once, after it has seen `after_rows` rows (a fault we
-    inject to prove resume; `marker` records that it fired so a rerun goes through)."""
+    """Test-only: crash a step once, after it has seen `after_rows` rows in all (a fault we inject
+    to prove resume). Rows are counted in a file beside `marker`, since Ray runs the step in many
+    processes, each with its own copy of this object; `marker` records that it fired so a rerun
+    goes through."""
 
     def __init__(self, after_rows: int, marker: str):
         self.after_rows = after_rows
         self.marker = marker
-        self.seen = 0
 
     def maybe_fire(self) -> None:
         import os
 
-        self.seen += 1
-        if self.seen > self.after_rows and not os.path.exists(self.marker):
+        counter = self.marker + ".rows"
+        with open(counter, "ab") as handle:  # one byte per row; appends are atomic across processes
+            handle.write(b".")
+        if os.path.getsize(counter) > self.after_rows and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise RuntimeError(f"injected fault after {self.after_rows} rows")
 
