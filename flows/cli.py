@@ -238,6 +238,7 @@ def make_tiny_model(
     trained: bool = typer.Option(False, "--trained/--untrained", help="Fit it to the toy colour task first (seconds)."),
     seed: int = typer.Option(0, help="Seed for weights and training."),
     task: str = typer.Option("colours", help="--trained: 'colours' answers colour questions; 'rewrite' turns a colour into that question."),
+    vision: bool = typer.Option(False, "--vision", help="A tiny vision-language model (Idefics3, random weights) for image curation."),
 ) -> None:
     """Write a tiny chat model (tokenizer + 2-layer Llama, ~2 MB) that vLLM loads by path.
 
@@ -246,6 +247,11 @@ def make_tiny_model(
     """
     from rayllm_stages.tiny_models import REWRITE_TASK, TOY_TASK, build_tiny_chat_model
 
+    if vision:
+        from rayllm_stages.tiny_vision import build_tiny_vision_model
+
+        typer.echo(str(build_tiny_vision_model(directory, seed=seed)))
+        return
     tasks = {"colours": TOY_TASK, "rewrite": REWRITE_TASK}
     if task not in tasks:
         console.print(f"[red]error:[/] --task must be one of {', '.join(tasks)}")
@@ -264,6 +270,97 @@ def demo(
 
     _quiet_ray_logs()
     run_demo(workdir, rows=rows, console=console)
+
+
+endpoint_app = typer.Typer(help="Operate rolled-out endpoints: status and teardown.", no_args_is_help=True)
+app.add_typer(endpoint_app, name="endpoint")
+
+
+@app.command()
+def rollout(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Rollout config (YAML)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    keep_serving: bool = typer.Option(
+        True, "--keep-serving/--exit", help="Local Ray only: keep this process (and the endpoint) up until Ctrl-C."
+    ),
+) -> None:
+    """Roll a model version out to an endpoint: deploy beside the current version, health, smoke,
+    evaluation gate, canary steps, then promote, or roll back and keep the old version serving.
+
+    Exit code 0: promoted (or already serving); 1: rolled back or failed; 2: bad config.
+    A local Ray lives as long as this process: use `ray start --head` and `--ray-address auto`
+    for an endpoint that outlives the command.
+    """
+    from flows.rollout import rollout_endpoint
+    from rayllm_stages.rollout_config import RolloutConfig
+
+    config = _load(RolloutConfig, config_file, {"ray_address": ray_address} if ray_address else None)
+    _quiet_ray_logs()
+    start_runtimes(config.ray_address)
+    try:
+        report = rollout_endpoint(config=config)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            _print_rollout(report)
+        console.print(f"[red]rollout failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    _print_rollout(report)
+    console.print(f"[green]{report.outcome}:[/] {report.serving} serves {report.url}")
+    if config.ray_address is None and keep_serving:
+        import time
+
+        console.print("serving from this process's local Ray; Ctrl-C stops it")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def _print_rollout(report) -> None:
+    from rich.table import Table
+
+    table = Table("step", "result", "seconds", "detail")
+    for step in report.steps:
+        table.add_row(step.step, "passed" if step.passed else "FAILED", f"{step.finished - step.started:.1f}", step.detail)
+    console.print(table)
+
+
+@endpoint_app.command("status")
+def endpoint_status(
+    name: str = typer.Argument(..., help="Endpoint name (the router application)."),
+    ray_address: str = typer.Option("auto", "--ray-address", help="The cluster serving it."),
+) -> None:
+    """The endpoint's router, primary version, traffic weights and version applications."""
+    from rayllm_stages import ray_runtime
+    from rayllm_stages.endpoints import endpoint_status as read_status
+
+    os.environ.setdefault("RAYLLM_RAY_LOGS", "0")
+    ray_runtime.connect(ray_address)
+    status = read_status(name)
+    if status.router is None and not status.versions:
+        console.print(f"[red]no endpoint named {name!r} on this cluster[/]")
+        raise typer.Exit(1)
+    typer.echo(status.model_dump_json(indent=2))
+
+
+@endpoint_app.command("teardown")
+def endpoint_teardown(
+    name: str = typer.Argument(..., help="Endpoint name (the router application)."),
+    ray_address: str = typer.Option("auto", "--ray-address", help="The cluster serving it."),
+) -> None:
+    """Delete the endpoint's router and every version application."""
+    from rayllm_stages import ray_runtime
+    from rayllm_stages.endpoints import teardown
+
+    os.environ.setdefault("RAYLLM_RAY_LOGS", "0")
+    ray_runtime.connect(ray_address)
+    deleted = teardown(name)
+    typer.echo("deleted: " + (", ".join(deleted) or "nothing"))
 
 
 def _load(model, path: Path, overrides: dict | None = None):

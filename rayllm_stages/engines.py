@@ -28,6 +28,8 @@ CPU_PLACEMENT = {"bundles": [{"CPU": 1}]}
 # logical CPU each, three chained processors would not fit a local Ray and would wait forever.
 LIGHT_STAGE = {"num_cpus": 0.25}
 LIGHT_MAP_KWARGS = {"num_cpus": 0.25}
+# One image per request: vLLM then reserves room for one image, not its default several.
+IMAGE_ENGINE_DEFAULTS = {"limit_mm_per_prompt": {"image": 1}}
 # Structured outputs on vLLM: without this, a weak model wanders in whitespace until max_tokens.
 STRUCTURED_OUTPUTS_ENGINE_DEFAULTS = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
 
@@ -93,11 +95,18 @@ def engine_settings(spec: ModelSpec, gpu: bool, structured_outputs: bool = False
     return engine_kwargs, placement
 
 
-def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool = False, cpu_cores: str | None = None):
-    """The `vLLMEngineProcessorConfig` for `spec` (CPU placement chosen when there is no GPU)."""
+def vllm_processor_config(
+    spec: ModelSpec, gpu: bool, structured_outputs: bool = False, cpu_cores: str | None = None, images: bool = False
+):
+    """The `vLLMEngineProcessorConfig` for `spec` (CPU placement chosen when there is no GPU).
+
+    `images`: rows carry images in their messages (Ray's multimodal stage parses them).
+    """
     from ray.data.llm import vLLMEngineProcessorConfig
 
     engine_kwargs, placement = engine_settings(spec, gpu, structured_outputs)
+    if images:
+        engine_kwargs = {**IMAGE_ENGINE_DEFAULTS, **engine_kwargs}
     options: dict[str, Any] = dict(
         model_source=spec.source,
         engine_kwargs=engine_kwargs,
@@ -110,6 +119,11 @@ def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool =
         tokenize_stage=dict(LIGHT_STAGE),
         detokenize_stage=dict(LIGHT_STAGE),
     )
+    if images:
+        multimodal: dict[str, Any] = {**LIGHT_STAGE, "enabled": True}
+        if "dtype" in engine_kwargs:
+            multimodal["model_config_kwargs"] = {"dtype": engine_kwargs["dtype"]}
+        options["prepare_multimodal_stage"] = multimodal
     if cpu_cores and not gpu:
         options["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cpu_cores}}
     options.update(spec.processor_kwargs)
@@ -118,9 +132,11 @@ def vllm_processor_config(spec: ModelSpec, gpu: bool, structured_outputs: bool =
 
 def _vllm_processor(spec: ModelSpec, step: Any, gpu: bool, cpu_cores: str | None = None):
     structured = bool(getattr(step, "json_schema", None))
-    guard = PromptLengthGuard(spec.source, spec.engine_kwargs.get("max_model_len"))
+    images = bool(getattr(step, "images", False))
+    # A prompt's image tokens are only known after Ray's multimodal stage: no length check before it.
+    guard = None if images else PromptLengthGuard(spec.source, spec.engine_kwargs.get("max_model_len"))
     return _processor(
-        vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores),
+        vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores, images=images),
         functools.partial(_vllm_preprocess, step=step, guard=guard),
         functools.partial(_vllm_postprocess, step=step),
     )

@@ -113,7 +113,7 @@ class TemplateStep:
 def parse_json_reply(text: str, schema: dict[str, Any] | None) -> Any:
     """The reply as JSON, checked against `schema`; raises `StepFailed` naming what is wrong."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, strict=False)  # a weak model may put control characters in strings
     except json.JSONDecodeError as exc:
         raise StepFailed(f"reply is not valid JSON ({exc.msg}): {text[:200]!r}") from None
     if schema is not None:
