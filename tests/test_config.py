@@ -87,6 +87,10 @@ def test_example_configs_are_valid():
 
     kinds = {"batch": BatchJobConfig, "chain": ChainJobConfig, "eval": EvaluationConfig}
     paths = sorted((REPO / "examples").glob("*.yaml"))
+    if any(p.name.startswith("rollout-") for p in paths):
+        from rayllm_stages.rollout_config import RolloutConfig
+
+        kinds["rollout"] = RolloutConfig
     assert {p.name.split("-")[0] for p in paths} == set(kinds), paths
     for path in paths:
         assert load_config(kinds[path.name.split("-")[0]], path), path
