@@ -216,6 +216,37 @@ def _print_verdicts(output: str, storage_options: dict) -> None:
 
 
 @app.command()
+def curate(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Curation config (YAML)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Curate images from an S3 prefix or a manifest: fetch, decode, VLM caption and scores, rules, dedup.
+
+    Writes curated.parquet, rejected.parquet (uri, stage, reason) and manifest.json. Exit code 2:
+    bad config; 1: the run failed.
+    """
+    from flows.curation import curate_images
+    from rayllm_stages.curation import CurationConfig
+
+    overrides = {k: v for k, v in {"output": output, "ray_address": ray_address}.items() if v}
+    config = _load(CurationConfig, config_file, overrides)
+    _quiet_ray_logs()
+    try:
+        manifest = run_with_progress(curate_images, "curate", config, False, show_progress=progress)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        console.print(f"[red]curate failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]done:[/] {manifest['curated']} curated, {manifest['rejected']} rejected of {manifest['input']}")
+    for name, url in manifest["outputs"].items():
+        typer.echo(f"{name}: {url}")
+
+
+@app.command()
 def validate(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job config (YAML)."),
 ) -> None:

@@ -67,6 +67,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A tiny vision-language model (Idefics3, random weights), built by the CLI once."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-vlm"
+    outcome = CliRunner().invoke(app, ["make-tiny-model", str(folder), "--vision"])
+    assert outcome.exit_code == 0, outcome.output
+    return folder
+
+
+@pytest.fixture(scope="session")
 def local_s3():
     """A real S3-protocol server (moto) on 127.0.0.1."""
     from rayllm_stages.local_s3 import start_local_s3

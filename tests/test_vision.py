@@ -14,14 +14,6 @@ from typer.testing import CliRunner
 from flows.cli import app
 
 
-@pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny-vlm"
-    outcome = CliRunner().invoke(app, ["make-tiny-model", str(folder), "--vision"])
-    assert outcome.exit_code == 0, outcome.output
-    return folder
-
-
 def _png(index: int) -> bytes:
     from PIL import Image
 
