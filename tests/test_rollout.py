@@ -133,6 +133,21 @@ def test_stats_windows_merge_and_judge_a_canary_step():
     assert canary_problems(CanaryStep(percent=10), TrafficWindow(), []) == []
 
 
+def test_smoke_replies_are_judged_on_content_latency_and_schema():
+    from rayllm_stages.endpoints import _judge
+    from rayllm_stages.rollout_config import SmokePrompt
+
+    plain = SmokePrompt(prompt=PROMPT, expect="warm", max_latency_s=1.0)
+    assert _judge(plain, "warm", 0.2) is None
+    assert _judge(plain, "  ", 0.2) == "empty reply"
+    assert "does not contain 'warm'" in _judge(plain, "cool", 0.2)
+    assert "above max_latency_s 1.0" in _judge(plain, "warm", 1.5)
+    schema = SmokePrompt(prompt="Rate it", json_schema={"type": "object", "properties": {"score": {"enum": [1, 2, 3]}}, "required": ["score"]})
+    assert _judge(schema, '{"score": 2}', 0.1) is None
+    assert "not JSON matching the schema" in _judge(schema, '{"score": 7}', 0.1)
+    assert "not JSON matching the schema" in _judge(schema, "score: 2", 0.1)
+
+
 def test_endpoint_needs_serve_with_its_http_proxy(ray_session):
     """A batch job's Serve has no HTTP proxy: a rollout refuses it instead of serving nowhere."""
     from ray import serve
