@@ -1,4 +1,4 @@
-"""`rayllm demo`: a batch run and an evaluation end to end on this machine, with nothing but the package installed."""
+"""`rayllm demo`: a batch run, an evaluation and an image curation end to end on this machine, with nothing but the package installed."""
 
 from __future__ import annotations
 
@@ -66,14 +66,42 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
         (local_copy.parent / "eval-1").mkdir(parents=True, exist_ok=True)
         for name in ("metrics.json", "report.md"):
             fs.get(f"{BUCKET}/eval-1/{name}", str(local_copy.parent / "eval-1" / name))
+        curation = _run_curation(s3, workdir)
+        (workdir / "curation-1").mkdir(parents=True, exist_ok=True)
+        for name in ("curated.parquet", "rejected.parquet", "manifest.json"):
+            fs.get(f"{BUCKET}/curation-1/{name}", str(workdir / "curation-1" / name))
     finally:
         s3.stop()
     summary = evaluation.summaries["tiny-chat"].metrics["exact_match"]
     console.print(f"\n[bold]evaluation: gate {'passed' if evaluation.passed else 'FAILED'}[/]; exact match "
                   f"{summary.mean:.2f} (95% interval {summary.ci_low:.2f}-{summary.ci_high:.2f}); "
                   f"report copied to {local_copy.parent / 'eval-1' / 'report.md'}")
+    console.print(f"[bold]image curation:[/] {curation['curated']} of {curation['input']} images kept; rejected by stage: "
+                  f"{curation['rejected_by_stage']}; datasets copied to {workdir / 'curation-1'}")
     console.print("the flow runs' reports and summaries are artifacts in the Prefect UI (run `prefect server start` "
                   "first and set PREFECT_API_URL to keep them after the demo)")
+
+
+def _run_curation(s3, workdir: Path) -> dict:
+    """A small image corpus (good, broken and duplicate images) curated with a tiny VLM."""
+    from flows.cli import run_with_progress
+    from flows.curation import curate_images
+    from rayllm_stages.curation import CurationConfig
+    from rayllm_stages.image_corpus import build_corpus
+    from rayllm_stages.tiny_vision import build_tiny_vision_model
+
+    vlm_dir = workdir / "models" / "tiny-vlm"
+    if not (vlm_dir / "config.json").exists():
+        build_tiny_vision_model(vlm_dir)
+    corpus = build_corpus(f"s3://{BUCKET}/images-corpus", s3.storage_options)
+    config = CurationConfig(
+        source={"manifest": corpus.manifest_url, "storage_options": s3.storage_options},
+        output=f"s3://{BUCKET}/curation-1/",
+        model={"source": str(vlm_dir), "engine_kwargs": {"max_model_len": 512, "dtype": "float32"}, "batch_size": 8},
+        filter={"min_width": 32, "min_height": 32},
+        storage_options=s3.storage_options,
+    )
+    return run_with_progress(curate_images, "curate", config, False)
 
 
 def _run_evaluation(s3, model_dir: Path):

@@ -17,13 +17,15 @@ def test_demo_runs_everything_locally(tmp_path, prefect_server, ray_session):
     evaluation = json.loads((tmp_path / "eval-1" / "metrics.json").read_text())
     assert evaluation["passed"] is True
     assert evaluation["summaries"]["tiny-chat"]["metrics"]["exact_match"]["mean"] == 1.0
+    curation = json.loads((tmp_path / "curation-1" / "manifest.json").read_text())
+    assert curation["input"] == curation["curated"] + curation["rejected"] and curation["curated"] == 8
 
 
 def test_help_documents_every_command():
     runner = CliRunner()
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0
-    for command in ("batch", "chain", "evaluate", "validate", "make-tiny-model", "demo"):
+    for command in ("batch", "chain", "evaluate", "curate", "validate", "make-tiny-model", "demo"):
         assert command in top.output
         assert runner.invoke(app, [command, "--help"]).exit_code == 0
 
