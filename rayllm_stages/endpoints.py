@@ -21,7 +21,7 @@ from pydantic import Field
 
 from .config import StrictModel
 from .rollout_config import HttpOptions, RolloutConfig, SmokePrompt
-from .serve_engine import _app_status, _wait_until_running, delete_engine, llm_config
+from .serve_engine import app_status, wait_until_running, delete_engine, llm_config, serve_running
 from .traffic import (
     ROUTER_DEPLOYMENT,
     VERSION_HEADER,
@@ -89,7 +89,7 @@ def ensure_serve_http(http: HttpOptions) -> None:
     """
     from ray import serve
 
-    if not _serve_running():
+    if not serve_running():
         serve.start(http_options={"host": http.host, "port": http.port})
         return
     if not serve.status().proxies:
@@ -104,18 +104,6 @@ def ensure_serve_http(http: HttpOptions) -> None:
             f"Ray Serve's HTTP proxy listens on port {port}, not on http.port {http.port}; set http.port: {port} "
             "(one Serve instance has one proxy port)"
         )
-
-
-def _serve_running() -> bool:
-    # serve.status() answers (empty) when Serve was never started: ask for its controller instead.
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        return True
-    except ValueError:
-        return False
 
 
 def _proxy_port() -> int | None:
@@ -173,7 +161,7 @@ def deploy_version(config: RolloutConfig, gpu: bool) -> VersionInfo:
 
     ensure_serve_http(config.http)
     info = version_info(config, config.version_id())
-    status = _app_status(info.app)
+    status = app_status(info.app)
     state = _state(status)
     if state in ("RUNNING", "DEPLOYING"):
         logger.info("version %s of %s is already %s: reusing it", info.version, config.endpoint, state)
@@ -199,7 +187,7 @@ def wait_healthy(info: VersionInfo, model_id: str, timeout_s: float, api_key: st
 
     start = time.monotonic()
     try:
-        _wait_until_running(info.app, timeout_s)
+        wait_until_running(info.app, timeout_s)
     except EngineDeployFailed as exc:
         raise HealthCheckFailed(str(exc)) from exc
     last = "no answer"
@@ -293,7 +281,7 @@ def read_table(endpoint: str) -> RouteTable | None:
     """The route table the running router applies, or None when the endpoint has no router yet."""
     from ray import serve
 
-    if _state(_app_status(endpoint)) is None:
+    if _state(app_status(endpoint)) is None:
         return None
     data = serve.get_app_handle(endpoint).table.remote().result(timeout_s=30)
     return RouteTable.model_validate(data) if data else None
@@ -312,7 +300,7 @@ def apply_table(config: RolloutConfig, table: RouteTable) -> RouteTable:
 
     ensure_serve_http(config.http)
     serve.run(router_application(table, config.router_replicas), name=config.endpoint, route_prefix=config.route, blocking=False)
-    _wait_until_running(config.endpoint, config.timeouts.deploy_s)
+    wait_until_running(config.endpoint, config.timeouts.deploy_s)
     return table
 
 
@@ -391,7 +379,7 @@ def rollback(config: RolloutConfig, candidate: VersionInfo, gpu: bool, api_key: 
 def teardown(endpoint: str) -> list[str]:
     """Delete the endpoint's router, then all its versions; returns what was deleted."""
     deleted = []
-    if _state(_app_status(endpoint)) is not None:
+    if _state(app_status(endpoint)) is not None:
         delete_engine(endpoint)
         deleted.append(endpoint)
     for app in version_apps(endpoint):
@@ -401,7 +389,7 @@ def teardown(endpoint: str) -> list[str]:
 
 
 def endpoint_status(endpoint: str, http: HttpOptions | None = None, route_prefix: str | None = None) -> EndpointStatus:
-    router = _state(_app_status(endpoint))
+    router = _state(app_status(endpoint))
     table = read_table(endpoint) if router == "RUNNING" else None
     url = f"{http.base_url}{route_prefix or '/' + endpoint}/v1" if http is not None else None
     return EndpointStatus(

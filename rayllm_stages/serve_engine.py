@@ -73,18 +73,18 @@ def ensure_engine(spec: ModelSpec, gpu: bool, timeout_s: float = DEPLOY_TIMEOUT_
 
     app, deployment = spec.serve_app_name, deployment_name_of(spec)
     engine = ServedEngine(app, deployment, spec.served_name, deployed_here=False)
-    status = _app_status(app)
+    status = app_status(app)
     if status is not None and status.status == "RUNNING" and deployment in status.deployments:
         logger.info("reusing the Serve engine %s/%s", app, deployment)
         return engine
     if status is not None and status.status == "DEPLOYING" and deployment in status.deployments:
-        _wait_until_running(app, timeout_s)  # another job is deploying it: share, do not take over
+        wait_until_running(app, timeout_s)  # another job is deploying it: share, do not take over
         return engine
     _start_serve()
     logger.info("deploying the Serve engine %s/%s (%s)", app, deployment, spec.source)
     serve.run(build_llm_deployment(llm_config(spec, gpu)), name=app, route_prefix=None, blocking=False)
     try:
-        _wait_until_running(app, timeout_s)
+        wait_until_running(app, timeout_s)
     except EngineDeployFailed:
         delete_engine(app)
         raise
@@ -110,15 +110,24 @@ def _start_serve() -> None:
     """Start Serve without an HTTP proxy unless it already runs (a batch engine needs no HTTP)."""
     from ray import serve
 
+    if not serve_running():
+        serve.start(proxy_location="Disabled")
+
+
+def serve_running() -> bool:
+    """Whether Serve runs on this cluster. `serve.status()` answers (empty) even when Serve was
+    never started, so ask for its controller instead."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
     try:
-        serve.status()
-        return
-    except Exception:
-        pass
-    serve.start(proxy_location="Disabled")
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
-def _app_status(app: str):
+def app_status(app: str):
     from ray import serve
 
     try:
@@ -127,10 +136,10 @@ def _app_status(app: str):
         return None
 
 
-def _wait_until_running(app: str, timeout_s: float) -> None:
+def wait_until_running(app: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        status = _app_status(app)
+        status = app_status(app)
         state = status.status if status is not None else "NOT_STARTED"
         if state == "RUNNING":
             return
