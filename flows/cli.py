@@ -367,11 +367,9 @@ def endpoint_status(
     ray_address: str = typer.Option("auto", "--ray-address", help="The cluster serving it."),
 ) -> None:
     """The endpoint's router, primary version, traffic weights and version applications."""
-    from rayllm_stages import ray_runtime
     from rayllm_stages.endpoints import endpoint_status as read_status
 
-    os.environ.setdefault("RAYLLM_RAY_LOGS", "0")
-    ray_runtime.connect(ray_address)
+    _connect_quietly(ray_address)
     status = read_status(name)
     if status.router is None and not status.versions:
         console.print(f"[red]no endpoint named {name!r} on this cluster[/]")
@@ -385,13 +383,19 @@ def endpoint_teardown(
     ray_address: str = typer.Option("auto", "--ray-address", help="The cluster serving it."),
 ) -> None:
     """Delete the endpoint's router and every version application."""
-    from rayllm_stages import ray_runtime
     from rayllm_stages.endpoints import teardown
+
+    _connect_quietly(ray_address)
+    deleted = teardown(name)
+    typer.echo("deleted: " + (", ".join(deleted) or "nothing"))
+
+
+def _connect_quietly(ray_address: str) -> None:
+    """Operator commands: join the cluster without its workers' logs on this console."""
+    from rayllm_stages import ray_runtime
 
     os.environ.setdefault("RAYLLM_RAY_LOGS", "0")
     ray_runtime.connect(ray_address)
-    deleted = teardown(name)
-    typer.echo("deleted: " + (", ".join(deleted) or "nothing"))
 
 
 def _load(model, path: Path, overrides: dict | None = None):

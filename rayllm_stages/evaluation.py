@@ -97,9 +97,9 @@ def check_evaluation(config: EvaluationConfig) -> int:
     dataset = config.dataset
     source = Location(dataset.path, config.storage_options)
     answer_config = answer_chain_config(config, config.targets[0])
-    ChainJob(answer_config).check_input()  # format, id column, template fields (named)
+    fmt = ChainJob(answer_config).check_input()  # format, id column, template fields (named)
     if config.judge is not None:
-        columns = set(table_columns(source, check_table_input(answer_config))) | {PREDICTION_COLUMN}
+        columns = set(table_columns(source, fmt)) | {PREDICTION_COLUMN}
         for part, fields in template_fields(config.judge.rubric).items():
             unknown = sorted(fields - columns)
             if unknown:
@@ -107,7 +107,7 @@ def check_evaluation(config: EvaluationConfig) -> int:
                     f"judge.rubric.{part} uses {', '.join(map(repr, unknown))}, which is neither a dataset column "
                     f"nor {PREDICTION_COLUMN!r} (columns: {', '.join(sorted(columns))})"
                 )
-    examples = list(_dataset_examples(config, source, check_table_input(answer_config)))
+    examples = list(_dataset_examples(config, source, fmt))
     if not examples:
         raise ConfigError(f"dataset.path: {dataset.path} has no examples")
     lacking = missing_references(config.metrics, [e for e in examples if "error" not in e])
@@ -154,12 +154,13 @@ def _tags(value: Any) -> list[str]:
 # -- records: the dataset joined with what the target and judge did ---------------------------
 def collect_records(config: EvaluationConfig, target: EvalTarget) -> list[dict[str, Any]]:
     """One record per dataset example: prediction or error, tokens, latency, judgement or judge error."""
-    answers = _chain_outputs(answer_chain_config(config, target), config)
+    answer_config = answer_chain_config(config, target)
+    answers = _chain_outputs(answer_config, config)
     judge_config = judge_chain_config(config, target)
     judged = _chain_outputs(judge_config, config) if judge_config else ({}, {})
     source = Location(config.dataset.path, config.storage_options)
     records = []
-    for example in _dataset_examples(config, source, check_table_input(answer_chain_config(config, target))):
+    for example in _dataset_examples(config, source, check_table_input(answer_config)):
         key = example["id"]
         result, error = answers[0].get(key), answers[1].get(key)
         record = {**example, "prediction": None, "latency_s": None, "num_input_tokens": 0, "num_generated_tokens": 0,
