@@ -109,9 +109,15 @@ def publish_evaluation(config: EvaluationConfig, result: EvaluationResult) -> No
         )
     emit_event(
         event="rayllm.evaluation.completed",
-        resource={"prefect.resource.id": f"rayllm.evaluation.{config.name}", "prefect.resource.name": config.name},
+        resource={
+            "prefect.resource.id": f"rayllm.evaluation.{config.name}",
+            "prefect.resource.name": config.name,
+            # A label, because automations match labels, not payloads: `rayllm.gate: passed`.
+            "rayllm.gate": "passed" if result.passed else "failed",
+        },
         payload={
             "passed": result.passed,
+            "targets": {target.name: target.model.source for target in config.targets},
             "verdicts": {name: verdict.model_dump(mode="json") for name, verdict in result.verdicts.items()},
             "outputs": {k: v for k, v in result.outputs.items() if not k.startswith("plot:")},
             "baseline": result.baseline,
