@@ -91,6 +91,10 @@ def test_example_configs_are_valid():
         from rayllm_stages.rollout_config import RolloutConfig
 
         kinds["rollout"] = RolloutConfig
+    if any(p.name.startswith("curate-") for p in paths):
+        from rayllm_stages.curation import CurationConfig
+
+        kinds["curate"] = CurationConfig
     assert {p.name.split("-")[0] for p in paths} == set(kinds), paths
     for path in paths:
         assert load_config(kinds[path.name.split("-")[0]], path), path
