@@ -221,11 +221,12 @@ def curate(
     output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds a run with other images or settings."),
 ) -> None:
     """Curate images from an S3 prefix or a manifest: fetch, decode, VLM caption and scores, rules, dedup.
 
-    Writes curated.parquet, rejected.parquet (uri, stage, reason) and manifest.json. Exit code 2:
-    bad config; 1: the run failed.
+    Writes curated.parquet, rejected.parquet (uri, stage, reason), contact_sheet.png and
+    manifest.json. A rerun on the same output resumes. Exit code 2: bad config; 1: the run failed.
     """
     from flows.curation import curate_images
     from rayllm_stages.curation import CurationConfig
@@ -234,7 +235,7 @@ def curate(
     config = _load(CurationConfig, config_file, overrides)
     _quiet_ray_logs()
     try:
-        manifest = run_with_progress(curate_images, "curate", config, False, show_progress=progress)
+        manifest = run_with_progress(curate_images, "curate", config, overwrite, show_progress=progress)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -244,6 +245,17 @@ def curate(
     console.print(f"[green]done:[/] {manifest['curated']} curated, {manifest['rejected']} rejected of {manifest['input']}")
     for name, url in manifest["outputs"].items():
         typer.echo(f"{name}: {url}")
+
+
+@app.command("make-image-corpus")
+def make_image_corpus(
+    folder: str = typer.Argument(..., help="Folder (any fsspec URL) to write images/ and manifest.jsonl into."),
+) -> None:
+    """Write a small image corpus (good, broken and duplicate images) to try `rayllm curate` on."""
+    from rayllm_stages.image_corpus import build_corpus
+
+    corpus = build_corpus(folder)
+    typer.echo(f"{len(corpus.expected) - 1} images in {corpus.images_url}; manifest (with one missing key): {corpus.manifest_url}")
 
 
 @app.command()
