@@ -6,7 +6,8 @@ OpenAI Batch result line:
 Error line: the same keys, with "response": null (or the HTTP error response) and
     "error": {"code": "duplicate_custom_id", "message": "line 7 (r1): …", "line": 7}
 Table result: the input columns plus generated_text, finish_reason, num_input_tokens,
-num_generated_tokens. Table error: {"row_index", "row_id", "error": {"code", "message"}}.
+num_generated_tokens and `_row_id` (the id column's value, or the input row number: results come
+in completion order, not input order). Table error: {"row_index", "row_id", "error": {"code", "message"}}.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from .batch_input import RowError
 
+ROW_ID_FIELD = "_row_id"
 _TOO_LONG = re.compile(r"longer than the maximum model length|maximum context length|too long", re.I)
 
 
@@ -103,6 +105,7 @@ class TableFormat:
             "finish_reason": finish_reason(generated, sampling.get("max_tokens")),
             "num_input_tokens": row["num_input_tokens"],
             "num_generated_tokens": generated,
+            ROW_ID_FIELD: row["row_key"],
         }
         return json.dumps(record, ensure_ascii=False, default=str)
 

@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Iterator
 
 from .batch_input import RowError, check_table_input, count_rows, keyed_table_rows, table_columns
-from .batch_output import TableFormat, engine_error_code
+from .batch_output import ROW_ID_FIELD, TableFormat, engine_error_code
 from .config import ChainJobConfig, ConfigError
 from .engines import ERROR_COLUMNS, cpu_core_sets
 from .job import InputRow, LLMJob, _to_arrow, rows_per_block
@@ -48,12 +48,14 @@ def check_chain_fields(config: ChainJobConfig, columns: list[str]) -> None:
 
 
 class ChainFormat(TableFormat):
-    """Results: input columns, every step's output column, and `_usage` per step.
+    """Results: input columns, every step's output column, `_usage` per step, and `_row_id` (the id
+    column's value, or the input row number: results come in completion order, not input order).
     Errors: the row, the step it failed in, and why."""
 
     def result(self, row: dict[str, Any]) -> str:
         record = json.loads(row["row_json"])
         record["_usage"] = json.loads(row.get("usage_json") or "{}")
+        record[ROW_ID_FIELD] = row["row_key"]
         return json.dumps(record, ensure_ascii=False, default=str)
 
     def engine_error(self, row: dict[str, Any], message: str) -> tuple[str, str]:

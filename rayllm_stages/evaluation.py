@@ -21,9 +21,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from .batch_input import RowError, check_table_input, keyed_table_rows, table_columns
+from .batch_output import ROW_ID_FIELD
 from .chain import ChainJob
 from .config import ChainJobConfig, ConfigError
-from .eval_config import JUDGEMENT_COLUMN, PREDICTION_COLUMN, EvaluationConfig, EvalTarget
+from .eval_config import JUDGEMENT_COLUMN, PREDICTION_COLUMN, EvalTarget, EvaluationConfig
 from .eval_metrics import ScoredExample, missing_references, quality_metric_names, score_example
 from .eval_report import render_markdown, render_plots
 from .eval_stats import MetricDelta, TargetSummary, Verdict, apply_gate, compare, scores_from_jsonl, scores_to_jsonl, summarize
@@ -73,7 +74,7 @@ def judge_chain_config(config: EvaluationConfig, target: EvalTarget) -> ChainJob
         input=f"{answers}/results.jsonl",
         output=f"{config.target_folder(target.name)}/judge",
         input_format="jsonl",
-        id_column=config.dataset.id_field,
+        id_column=ROW_ID_FIELD,  # the answers' row ids: the dataset's ids or row numbers
         steps=[{
             "name": JUDGE_STEP, "model": config.judge.model, "prompt": config.judge.rubric,
             "sampling": config.judge.sampling, "output_column": JUDGEMENT_COLUMN,
@@ -189,9 +190,13 @@ def _chain_outputs(chain: ChainJobConfig, config: EvaluationConfig) -> tuple[dic
     id_field = config.dataset.id_field
     results_file, errors_file = folder.child("results.jsonl"), folder.child("errors.jsonl")
     if results_file.exists():
-        for index, line in enumerate(results_file.read_text().splitlines()):
+        for line in results_file.read_text().splitlines():
             row = json.loads(line)
-            results[str(row[id_field]) if id_field else str(index)] = row
+            key = row.get(ROW_ID_FIELD, row.get(id_field) if id_field else None)
+            if key is None:
+                raise ConfigError(f"{results_file.url}: a result has no {ROW_ID_FIELD!r}; it was written by an older "
+                                  f"version: rerun with overwrite")
+            results[str(key)] = row
     if errors_file.exists():
         for line in errors_file.read_text().splitlines():
             row = json.loads(line)

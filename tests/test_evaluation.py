@@ -90,7 +90,8 @@ def test_records_join_answers_errors_and_judge_errors(tmp_path):
     answers.mkdir(parents=True)
     judge.mkdir(parents=True)
     rows = [json.loads(line) for line in dataset.read_text().splitlines()]
-    answered = [{**row, "prediction": row["answer"], "_usage": {"answer": {"in": 5, "out": 2, "latency_s": 0.1}}} for row in rows[1:]]
+    answered = [{**row, "prediction": row["answer"], "_row_id": row["qid"], "_usage": {"answer": {"in": 5, "out": 2, "latency_s": 0.1}}}
+                for row in rows[1:]]
     (answers / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answered))
     (answers / "errors.jsonl").write_text(json.dumps({"row_index": 0, "row_id": "q0-0", "failed_step": "answer",
                                                       "error": {"code": "engine_error", "message": "HTTP 500: boom"}}) + "\n")
@@ -107,6 +108,25 @@ def test_records_join_answers_errors_and_judge_errors(tmp_path):
     assert scored["q0-0"].scores["exact_match"] == 0.0  # failed: in the denominator as a miss
     assert scored[answered[0]["qid"]].scores["judge"] is None  # judge error: not a zero
     assert scored[answered[1]["qid"]].scores == {"exact_match": 1.0, "judge": 1.0}
+
+
+def test_records_without_an_id_field_join_by_row_number_not_by_result_order(tmp_path):
+    """Results arrive in completion order: the join must use each result's row id."""
+    dataset = write_dataset(tmp_path / "eval.jsonl", repeat=1)
+    config = EvaluationConfig.model_validate(base_config(
+        dataset, tmp_path / "out", [{"name": "t", "model": {"source": "m"}}], metrics=[{"type": "exact_match"}],
+    ))
+    config = config.model_copy(update={"dataset": config.dataset.model_copy(update={"id_field": None})})
+    answers = tmp_path / "out" / "targets" / "t" / "answers"
+    answers.mkdir(parents=True)
+    rows = [json.loads(line) for line in dataset.read_text().splitlines()]
+    finished_last_first = [{**row, "prediction": row["answer"], "_row_id": str(i), "_usage": {}} for i, row in enumerate(rows)][::-1]
+    (answers / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finished_last_first))
+
+    records = collect_records(config, config.targets[0])
+    assert [r["id"] for r in records] == [str(i) for i in range(len(rows))]
+    assert all(r["prediction"] == r["reference"] for r in records)
+    assert {s.scores["exact_match"] for s in score_records(config, records)} == {1.0}
 
 
 @pytest.mark.slow

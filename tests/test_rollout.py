@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,7 @@ import pytest
 from rayllm_stages.config import ConfigError, validate_config
 from rayllm_stages.endpoints import SmokeResult, canary_problems
 from rayllm_stages.rollout_config import CanaryStep, RolloutConfig
-from rayllm_stages.traffic import (
-    RouteTable,
-    TrafficStats,
-    TrafficWindow,
-    VersionRoute,
-    WeightedPicker,
-    merge_stats,
-    shifted,
-)
+from rayllm_stages.traffic import RouteTable, TrafficStats, TrafficWindow, VersionRoute, WeightedPicker, merge_stats, shifted
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Is red warm or cool?"
@@ -254,7 +247,7 @@ def test_gate_rejects_a_bad_candidate_and_the_old_version_keeps_serving(endpoint
         "prompt": {"user": "{{ question }}"}, "sampling": {"max_tokens": 8},
         "metrics": [{"type": "exact_match"}], "gate": {"min": {"exact_match": 0.8}},
     })
-    start = time.monotonic()
+    start, began = time.monotonic(), datetime.now(timezone.utc)
     with _load(config) as load:
         time.sleep(2)
         with pytest.raises(RolloutRolledBack) as raised:
@@ -274,7 +267,7 @@ def test_gate_rejects_a_bad_candidate_and_the_old_version_keeps_serving(endpoint
 
     artifacts = [str(a.data) for a in artifacts_with_key(artifact_key("rollout", "colours"))]
     assert any("evaluation gate" in data and "FAILED" in data for data in artifacts)
-    event = wait_for_event("rayllm.rollout.rolled_back", "rayllm.endpoint.colours")
+    event = wait_for_event("rayllm.rollout.rolled_back", "rayllm.endpoint.colours", since=began)
     assert event.payload["serving"] == current
     for text in (*artifacts, str(event.payload), report.model_dump_json(), config.model_dump_json()):
         assert ENDPOINT_KEY not in text
@@ -300,7 +293,7 @@ def test_good_candidate_goes_through_canary_steps_and_is_promoted(endpoint, tiny
     ])
     new = config.version_id()
     assert new != current
-    start = time.monotonic()
+    start, began = time.monotonic(), datetime.now(timezone.utc)
     with _load(config) as load:
         time.sleep(2)
         report = rollout_endpoint(config=config)
@@ -323,7 +316,7 @@ def test_good_candidate_goes_through_canary_steps_and_is_promoted(endpoint, tiny
     assert status.primary == new and status.weights == {new: 100} and list(status.versions) == [f"colours-{new}"]
     after = [s for s in load.samples if s.start > _step(report, "promote").finished]
     assert after and {s.version for s in after} == {new}
-    event = wait_for_event("rayllm.rollout.promoted", "rayllm.endpoint.colours")
+    event = wait_for_event("rayllm.rollout.promoted", "rayllm.endpoint.colours", since=began)
     assert event.payload["serving"] == new and event.payload["previous"] == current
     print(f"\npromote path: {summarize(load.samples)} over {elapsed:.0f} s; candidate share per step {shares}")
     for c in report.canary:
