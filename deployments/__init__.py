@@ -1,5 +1,8 @@
-"""Prefect deployment definitions (prefect.yaml, `rayllm deploy`, a local `serve` entry point).
+"""Prefect deployments of the flows: `prefect.yaml` (schedules, work pool, parameters, triggers,
+concurrency), `rayllm deploy` (register them against a Prefect server or Cloud), and
+`rayllm serve` / `python -m deployments.serve` (run them all from one process, no worker).
 
-Scheduled deployments are the open issue "Scheduled deployments, UI runs and observability"; until
-then, run flows with `rayllm batch` or `flows.batch.batch_inference(config=...)`.
+Modules: `project` reads prefect.yaml and wraps `prefect deploy`; `serve` builds the same
+deployments for `prefect.serve`; `server` starts a local `prefect server start`; `steps` holds the
+pull step (a local checkout, or a git clone).
 """

@@ -402,6 +402,81 @@ def endpoint_teardown(
     typer.echo("deleted: " + (", ".join(deleted) or "nothing"))
 
 
+@endpoint_app.command("scale")
+def endpoint_scale(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="The rollout config that deployed the version."),
+    min_replicas: int = typer.Option(..., "--min", min=0, help="Fewest engine replicas."),
+    max_replicas: int = typer.Option(..., "--max", min=1, help="Most engine replicas."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The cluster serving it; default the config's, else 'auto'."),
+) -> None:
+    """Change the autoscaling bounds of the running version a rollout config deployed, in place:
+    its replicas keep serving, nothing reloads. Exit 1 when that version is not running."""
+    from rayllm_stages.endpoints import scale_version
+    from rayllm_stages.engines import cluster_has_gpu
+    from rayllm_stages.rollout_config import RolloutConfig
+
+    config = _load(RolloutConfig, config_file)
+    _connect_quietly(ray_address or config.ray_address or "auto")
+    try:
+        info = scale_version(config, min_replicas, max_replicas, cluster_has_gpu())
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    typer.echo(f"{info.app}: {min_replicas}..{max_replicas} replicas")
+
+
+@app.command()
+def deploy(
+    prefect_file: Optional[Path] = typer.Option(
+        None, "--prefect-file", exists=True, dir_okay=False, help="Default: deployments/prefect.yaml of this package."
+    ),
+    name: Optional[list[str]] = typer.Option(None, "--name", "-n", help="Only this deployment (repeatable); default: all."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Work pool for every deployment (default: the file's)."),
+) -> None:
+    """Register the deployments (batch, nightly curation, weekly evaluation, rollout and its
+    automation) against the configured Prefect API (PREFECT_API_URL: a server or Prefect Cloud).
+
+    Creates the process work pool if missing, then runs `prefect --no-prompt deploy --all
+    --prefect-file deployments/prefect.yaml`. Start a worker next: `RAYLLM_CHECKOUT=$PWD prefect
+    worker start --pool rayllm`. Exit code 2: no Prefect API configured or a bad file; 1: deploy failed.
+    """
+    from deployments.project import PREFECT_FILE, deploy as deploy_all
+
+    try:
+        outcome = deploy_all(prefect_file or PREFECT_FILE, names=name or None, pool=pool)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2 if "no Prefect API" in str(exc) else 1) from None
+    typer.echo(outcome.stdout)
+
+
+@app.command()
+def serve(
+    names: Optional[list[str]] = typer.Argument(None, help="Deployments to serve (default: all)."),
+    prefect_file: Optional[Path] = typer.Option(
+        None, "--prefect-file", exists=True, dir_okay=False, help="Default: deployments/prefect.yaml of this package."
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many flow runs at once."),
+    port: int = typer.Option(4200, "--port", help="Port of the local Prefect server, when one is started."),
+) -> None:
+    """Run the deployments from this process with their schedules and triggers (`prefect.serve`):
+    no work pool, no worker. Without PREFECT_API_URL, a local `prefect server start` (UI on
+    http://127.0.0.1:4200) is started first, since Prefect's ephemeral server runs no scheduler.
+    Ctrl-C stops serving (and pauses the schedules).
+    """
+    from deployments.project import PREFECT_FILE
+    from deployments.serve import serve as serve_all
+
+    try:
+        serve_all(prefect_file or PREFECT_FILE, names or None, limit=limit, port=port)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
 def _connect_quietly(ray_address: str) -> None:
     """Operator commands: join the cluster without its workers' logs on this console."""
     from rayllm_stages import ray_runtime
