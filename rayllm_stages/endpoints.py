@@ -136,15 +136,17 @@ def version_apps(endpoint: str) -> dict[str, str]:
     return {name: str(getattr(app.status, "value", app.status)) for name, app in applications.items() if name.startswith(prefix)}
 
 
-def serving_llm_config(config: RolloutConfig, gpu: bool):
+def serving_llm_config(config: RolloutConfig, gpu: bool, replicas: tuple[int, int] | None = None):
     """The `LLMConfig` of the candidate: our engine defaults, the stable model name, the
-    autoscaling bounds and the LoRA config passed through to Ray Serve LLM."""
+    autoscaling bounds (`replicas` overrides them) and the LoRA config passed through to Ray Serve LLM."""
     from ray.serve.llm import LLMConfig
 
     base = llm_config(config.served_spec(), gpu)
     data = base.model_dump(exclude_unset=True)
     deployment = dict(data.get("deployment_config") or {})
     deployment["autoscaling_config"] = {**deployment.get("autoscaling_config", {}), **config.autoscaling}
+    if replicas is not None:
+        deployment["autoscaling_config"].update(min_replicas=replicas[0], max_replicas=replicas[1])
     data["deployment_config"] = deployment
     if config.lora_config is not None:
         data["lora_config"] = config.lora_config
@@ -157,7 +159,6 @@ def deploy_version(config: RolloutConfig, gpu: bool) -> VersionInfo:
     A version that failed before is deleted and deployed again.
     """
     from ray.serve import api as serve_api
-    from ray.serve.llm import build_openai_app
 
     ensure_serve_http(config.http)
     info = version_info(config, config.version_id())
@@ -170,11 +171,57 @@ def deploy_version(config: RolloutConfig, gpu: bool) -> VersionInfo:
         logger.warning("version %s of %s is %s: deploying it again", info.version, config.endpoint, state)
         delete_engine(info.app)
     logger.info("deploying version %s of %s (%s) at %s", info.version, config.endpoint, config.candidate.source, info.route_prefix)
-    app = build_openai_app({"llm_configs": [serving_llm_config(config, gpu)]})
+    app = version_application(config, gpu)
     # `serve.run` waits for RUNNING without a timeout; the health step waits instead, with one,
     # after the deploy task is recorded, so that a version that never starts is rolled back.
     serve_api._run(app, _blocking=False, name=info.app, route_prefix=info.route_prefix)
     return info.model_copy(update={"deployed_here": True})
+
+
+def version_application(config: RolloutConfig, gpu: bool, replicas: tuple[int, int] | None = None):
+    """The version's Serve application (`build_openai_app`), its engine deployment pinned to the
+    version id as Serve's code version.
+
+    Serve restarts every replica of an unversioned deployment on each redeploy; pinned, a redeploy
+    that changes only autoscaling (`scale_version`) updates the running replicas in place.
+    `serve.deployment(version=...)` is refused in Ray 2.60, hence `options(..., _internal=True)`
+    on the bound application (pinned with Ray, like the router's version).
+    """
+    from ray.serve.deployment import Application
+    from ray.serve.llm import build_openai_app
+
+    app = build_openai_app({"llm_configs": [serving_llm_config(config, gpu, replicas)]})
+    ingress = app._bound_deployment
+    kwargs = dict(ingress._replica_config.init_kwargs)
+    kwargs["llm_deployments"] = {
+        model: Application(engine._bound_deployment.options(version=config.version_id(), _internal=True))
+        for model, engine in kwargs["llm_deployments"].items()
+    }
+    return Application(ingress.options(_init_kwargs=kwargs, _internal=True))
+
+
+def scale_version(config: RolloutConfig, min_replicas: int, max_replicas: int, gpu: bool) -> VersionInfo:
+    """Set the autoscaling bounds of the running version `config` describes; its engine replicas
+    keep serving (no restart, no model reload). Idempotent.
+
+    Raises:
+        ValueError: bad bounds, or that version is not running on this cluster.
+    """
+    from ray.serve import api as serve_api
+
+    if min_replicas < 0 or max_replicas < max(min_replicas, 1):
+        raise ValueError(f"replicas: need 0 <= min ({min_replicas}) <= max ({max_replicas}) and max >= 1")
+    info = version_info(config, config.version_id())
+    state = _state(app_status(info.app))
+    if state != "RUNNING":
+        running = ", ".join(version_apps(config.endpoint)) or "none"
+        raise ValueError(f"version {info.version} of {config.endpoint} is {state or 'not deployed'}: scale a running "
+                         f"version with the config that deployed it (running versions: {running})")
+    logger.info("scaling %s to %d..%d replicas", info.app, min_replicas, max_replicas)
+    app = version_application(config, gpu, replicas=(min_replicas, max_replicas))
+    serve_api._run(app, _blocking=False, name=info.app, route_prefix=info.route_prefix)
+    wait_until_running(info.app, config.timeouts.deploy_s)
+    return info
 
 
 def wait_healthy(info: VersionInfo, model_id: str, timeout_s: float, api_key: str | None = None) -> float:

@@ -168,6 +168,14 @@ def promote_version(config: RolloutConfig, candidate: VersionInfo) -> list[str]:
     return deleted
 
 
+@task(name="scale-version", cache_policy=NO_CACHE, **SERVE_RETRIES)
+def scale_version(config: RolloutConfig, min_replicas: int, max_replicas: int) -> VersionInfo:
+    """Set the autoscaling bounds of the running version `config` deployed, in place (no restart)."""
+    info = endpoints.scale_version(config, min_replicas, max_replicas, cluster_has_gpu())
+    get_run_logger().info("%s autoscales between %d and %d replicas", info.app, min_replicas, max_replicas)
+    return info
+
+
 @task(name="endpoint-status", cache_policy=NO_CACHE)
 def endpoint_status(endpoint: str) -> EndpointStatus:
     return endpoints.endpoint_status(endpoint)

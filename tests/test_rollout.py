@@ -228,6 +228,41 @@ def _load(config: RolloutConfig):
     return ClientLoad(config.stable_url, config.model_id, PROMPT, concurrency=2, max_tokens=4, api_key=ENDPOINT_KEY)
 
 
+def _engine_deployment(app: str) -> tuple[dict, set[str]]:
+    """The version's engine deployment: its autoscaling config and its replicas' ids."""
+    from ray.serve.context import _get_global_client
+
+    deployments = _get_global_client().get_serve_details()["applications"][app]["deployments"]
+    [engine] = [d for name, d in deployments.items() if name.startswith("LLMServer:")]
+    return engine["deployment_config"]["autoscaling_config"], {r["replica_id"] for r in engine["replicas"]}
+
+
+@pytest.mark.slow
+def test_scale_changes_the_bounds_of_the_running_version_in_place(endpoint, tiny_models):
+    from rayllm_stages import endpoints
+    from tasks.endpoints import scale_version
+
+    make_config, current = endpoint
+    config = make_config(tiny_models["good"])
+    assert config.version_id() == current
+    app = f"colours-{current}"
+    _, replicas = _engine_deployment(app)
+
+    scale_version(config, 1, 2)
+    widened, widened_replicas = _engine_deployment(app)
+    scale_version(config, 1, 2)  # a retried task changes nothing
+    scale_version(config, 1, 1)
+    narrowed, narrowed_replicas = _engine_deployment(app)
+
+    assert (widened["min_replicas"], widened["max_replicas"]) == (1, 2)
+    assert (narrowed["min_replicas"], narrowed["max_replicas"]) == (1, 1)
+    assert replicas == widened_replicas == narrowed_replicas, "scaling restarted the engine"
+    with pytest.raises(ValueError, match="not deployed"):
+        endpoints.scale_version(make_config(tiny_models["bad"]), 1, 1, gpu=False)
+    with pytest.raises(ValueError, match="min"):
+        endpoints.scale_version(config, 2, 1, gpu=False)
+
+
 @pytest.mark.slow
 def test_gate_rejects_a_bad_candidate_and_the_old_version_keeps_serving(endpoint, tiny_models, tmp_path):
     from prefect_api import artifacts_with_key, wait_for_event
