@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from rayllm_stages.curation import CurationConfig
-from tasks.curation import publish_curation_report, run_curation
+from tasks.curation import finalize_curation, prepare_curation, publish_curation_report, run_curation
 from tasks.runtime import connect_ray
 
 
@@ -15,14 +15,20 @@ from tasks.runtime import connect_ray
 def curate_images(config: CurationConfig, overwrite: bool = False) -> dict[str, Any]:
     """Curate images: fetch (retries), decode and check, caption and score with a VLM, filter, dedup.
 
+    Fetch, decode and caption run as one streaming Ray Data pipeline; each image's record is
+    committed as it arrives, so a rerun (or a Prefect retry) resumes with the images not yet done.
+
     Args:
         config: Source (prefix or manifest), model, prompt and schema, fetch/decode/filter settings, output.
-        overwrite: Accepted for the shared CLI; a curation run always rewrites its outputs.
+        overwrite: Start over when the output holds a run with other images or settings.
 
     Returns:
-        The manifest: counts in, curated, rejected per stage and per reason, and the output URLs.
+        The manifest: counts in, curated, rejected per stage and per reason, fetch retries, and
+        the output URLs (curated.parquet, rejected.parquet, contact_sheet.png, manifest.json).
     """
     connect_ray(config.ray_address)
-    manifest = run_curation(config)
+    prepare_curation(config, overwrite)
+    execution = run_curation(config)
+    manifest = finalize_curation(config, execution)
     publish_curation_report(config, manifest)
     return manifest

@@ -11,6 +11,10 @@ Requests pass through unchanged (method, path, query, headers including Host and
 Authorization, body), so signed requests stay valid for the upstream. Faults hit only object GETs
 (not listings or HEADs), as a share `fault_rate` drawn from a seeded RNG: a 503 SlowDown with S3's
 XML error body, or a connection reset (TCP RST, no response).
+
+One more injected fault, for tests that must stop a run half-way: `stall_gets`, a predicate on the
+request path; a GET of a matching key hangs (no bytes) until `release()` or `stop()`, as a stuck
+S3 connection would. Stalled GETs are counted in `stats.stalled`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal, Self
@@ -45,6 +50,7 @@ class ProxyStats:
 
     requests: int = 0
     object_gets: int = 0
+    stalled: int = 0
     faults: dict[str, int] = field(default_factory=lambda: {"slowdown": 0, "reset": 0})
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -62,7 +68,7 @@ class S3Proxy:
 
     def __init__(self, upstream_url: str, latency_s: float = 0.0, fault_rate: float = 0.0,
                  fault_kinds: tuple[FaultKind, ...] = ("slowdown", "reset"), seed: int | None = None,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, stall_gets: Callable[[str], bool] | None = None) -> None:
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be within [0, 1], got {fault_rate}")
         if fault_rate and not fault_kinds:
@@ -76,6 +82,8 @@ class S3Proxy:
         self.fault_kinds = tuple(fault_kinds)
         self.timeout_s = timeout_s
         self.stats = ProxyStats()
+        self.stall_gets = stall_gets
+        self._released = threading.Event()
         self._rng = random.Random(seed)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -100,6 +108,20 @@ class S3Proxy:
                 return kind
         return None
 
+    def hold_if_stalled(self, method: str, path: str) -> None:
+        """Block this request while it matches `stall_gets` and the proxy was not released."""
+        if self.stall_gets is None or self._released.is_set() or not is_object_get(method, path):
+            return
+        if not self.stall_gets(urllib.parse.urlsplit(path).path):
+            return
+        with self.stats.lock:
+            self.stats.stalled += 1
+        self._released.wait()
+
+    def release(self) -> None:
+        """Let stalled GETs (and later ones) through."""
+        self._released.set()
+
     def start(self) -> Self:
         handler = type("BoundProxyHandler", (ProxyHandler,), {"proxy": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -109,6 +131,7 @@ class S3Proxy:
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -195,6 +218,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self.read_body()
         if self.proxy.latency_s:
             time.sleep(self.proxy.latency_s)
+        self.proxy.hold_if_stalled(self.command, self.path)
         fault = self.proxy.draw_fault(self.command, self.path)
         if fault == "reset":
             self.reset_connection()

@@ -1,45 +1,243 @@
-"""Curation tasks: run the image pipeline and publish what it kept and rejected."""
+"""Curation tasks.
+
+The flow's tasks run one resumable, streaming pipeline: `prepare_curation`, `run_curation`
+(fetch -> decode -> caption in one lazy Ray Data pipeline, records committed as they arrive),
+`finalize_curation` (rules, dedup, outputs, contact sheet) and `publish_curation_report`.
+
+The stage tasks are the same stages one at a time, for flows of your own: `fetch_images`,
+`decode_images`, `caption_images`, `filter_images`, `dedup_images`, `write_curation`. Each takes
+a Ray Dataset or a list of rows. Given a Dataset, fetch, decode, caption and filter add their stage
+lazily and return at once (the work runs, streaming, when the Dataset is consumed: chaining them
+keeps one pipeline); given a list, they compute now and return a list. Example:
+
+```python
+from prefect import flow
+from tasks.curation import fetch_images, decode_images, filter_images, dedup_images, write_curation
+
+@flow
+def without_a_model(uris: list[str], output: str):
+    decoded = decode_images(fetch_images(uris, {"storage_options": {"anon": True}}))
+    records = dedup_images(filter_images(decoded, {"min_width": 256}))   # fetch/decode errors stay rejected
+    return write_curation(records, output)
+```
+"""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from rayllm_stages.curation import CurationConfig, CurationRun
+from rayllm_stages import curation as stages
+from rayllm_stages.config import ModelSpec, SamplingParams
+from rayllm_stages.curation import CurationConfig, CurationExecution, CurationPreparation, CurationRun
+from rayllm_stages.image_decode import DecodeConfig
+from rayllm_stages.image_fetch import FetchConfig
+from rayllm_stages.image_filter import FilterConfig
+from rayllm_stages.image_report import compact_for_markdown
+from rayllm_stages.storage import Location
 
-from .batch import EXECUTION_RETRIES
+from .batch import EXECUTION_RETRIES, STORAGE_RETRIES
 from .progress import ProgressReporter
 from .reporting import artifact_key, emit_job_event
 
+Rows = Any  # a ray.data.Dataset or a list of row dicts
+
+
+# -- the flow's tasks ------------------------------------------------------------------------
+
+@task(name="prepare-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def prepare_curation(config: CurationConfig, overwrite: bool = False) -> CurationPreparation:
+    """List the images and start, resume, or refuse (another run's settings in the output).
+
+    Raises:
+        ResumeRefused: the output holds a run with other images or settings and not `overwrite`.
+    """
+    preparation = CurationRun(config).prepare(overwrite=overwrite)
+    logger = get_run_logger()
+    if preparation.resumed:
+        logger.info("resuming %s: %d of %d images already have a record", config.output, preparation.done, preparation.total)
+    else:
+        logger.info("starting %s: %d images", config.output, preparation.total)
+    return preparation
+
 
 @task(name="curate-images", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
-def run_curation(config: CurationConfig) -> dict[str, Any]:
-    """Fetch, decode, caption and score, filter and dedup; writes curated/rejected Parquet and a manifest."""
+def run_curation(config: CurationConfig) -> CurationExecution:
+    """Fetch, decode, caption and score every image without a record, as one streaming pipeline;
+    records are committed as they arrive, so a retry resumes where this stopped."""
     reporter = ProgressReporter(artifact_key("curation-progress", config.output), "Curation")
-    manifest = CurationRun(config).execute(on_progress=reporter)
+    execution = CurationRun(config).execute(on_progress=reporter)
+    get_run_logger().info("attempt %d: %d images through the pipeline (%d rejected on the way) in %.1f s",
+                          execution.attempt, execution.images, execution.rejected, execution.seconds)
+    return execution
+
+
+@task(name="finalize-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def finalize_curation(config: CurationConfig, execution: CurationExecution | None = None) -> dict[str, Any]:
+    """Rules and dedup over all records; curated/rejected Parquet, contact sheet and manifest."""
+    manifest = CurationRun(config).finalize(execution)
     get_run_logger().info(
-        "%d images: %d curated, %d rejected (%s) in %.1f s",
-        manifest["input"], manifest["curated"], manifest["rejected"], manifest["rejected_by_stage"], manifest["seconds"],
+        "%d images: %d curated, %d rejected (%s)", manifest["input"], manifest["curated"], manifest["rejected"],
+        manifest["rejected_by_stage"],
     )
     return manifest
 
 
+def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-stage table: images in, passed and rejected per stage, with the reasons counted."""
+    rows = [
+        {"stage": s["stage"], "images in": s["in"], "passed": s["passed"], "rejected": s["rejected"],
+         "rejected because": "; ".join(f"{reason}: {count}" for reason, count in s["reasons"].items())}
+        for s in manifest["funnel"]
+    ]
+    return rows + [{"stage": "curated", "images in": manifest["input"], "passed": manifest["curated"],
+                    "rejected": manifest["rejected"], "rejected because": ""}]
+
+
+def report_markdown(manifest: dict[str, Any], sheet: tuple[str, bytes] | None) -> str:
+    """The report: counts, the funnel, reasons, fetch retries, the contact sheet inline, outputs."""
+    fetch = manifest["fetch"]
+    lines = [
+        "# Image curation",
+        "",
+        f"{manifest['curated']:,} of {manifest['input']:,} images kept with `{manifest['model']['name']}` "
+        f"({manifest.get('images_per_s')} images/s; attempts: "
+        + ", ".join(f"#{a['attempt']} {a['images']} images" for a in manifest.get("attempts", [])) + ").",
+        "",
+        "| stage | images in | passed | rejected |",
+        "| --- | --- | --- | --- |",
+        *[f"| {s['stage']} | {s['in']} | {s['passed']} | {s['rejected']} |" for s in manifest["funnel"]],
+        "",
+        "| rejected because | images |",
+        "| --- | --- |",
+        *[f"| {reason} | {count} |" for reason, count in manifest["rejected_by_reason"].items()],
+        "",
+        (f"Fetch: {fetch['gets']} GETs, {fetch['retries']} retries over {fetch['retried_images']} images, "
+         f"{fetch['recovered_images']} of them read in the end, {fetch['gave_up_images']} given up."),
+    ]
+    if sheet is not None:
+        mime, data = sheet
+        shown = manifest["contact_sheet"]
+        lines += ["", f"## Contact sheet ({len(shown['kept'])} kept, {len(shown['rejected'])} rejected)", "",
+                  f"![contact sheet](data:{mime};base64,{base64.b64encode(data).decode()})"]
+    lines += ["", "| output | location |", "| --- | --- |", *[f"| {k} | `{v}` |" for k, v in manifest["outputs"].items()]]
+    return "\n".join(lines) + "\n"
+
+
 @task(name="publish-curation-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_curation_report(config: CurationConfig, manifest: dict[str, Any]) -> None:
-    """Per-stage table, a markdown report, and the event `rayllm.curation.completed`."""
-    stages = [{"stage": "input", "images": manifest["input"]}, {"stage": "curated", "images": manifest["curated"]}]
-    stages += [{"stage": f"rejected at {stage}", "images": count} for stage, count in manifest["rejected_by_stage"].items()]
-    create_table_artifact(stages, key=artifact_key("curation-stages", config.output), description="Images per stage")
-    reasons = "\n".join(f"| {reason} | {count} |" for reason, count in manifest["rejected_by_reason"].items())
-    create_markdown_artifact(
-        f"# Image curation\n\n{manifest['curated']} of {manifest['input']} images kept "
-        f"({manifest['images_per_s']} images/s) with `{manifest['model']['name']}`.\n\n"
-        f"| rejected because | images |\n| --- | --- |\n{reasons}\n\n"
-        f"Curated: `{manifest['outputs']['curated']}`  \nRejected: `{manifest['outputs']['rejected']}`\n",
-        key=artifact_key("curation-report", config.output),
-        description="Curation report",
-    )
-    emit_job_event("curation", "completed", config.output, manifest)
+    """Per-stage table, a markdown report with the contact sheet, and `rayllm.curation.completed`."""
+    create_table_artifact(stage_rows(manifest), key=artifact_key("curation-stages", config.output),
+                          description="Images per stage, and why they were rejected")
+    sheet = None
+    if "contact_sheet" in manifest["outputs"]:
+        with Location(manifest["outputs"]["contact_sheet"], config.storage_options).open("rb") as handle:
+            sheet = compact_for_markdown(handle.read())
+    create_markdown_artifact(report_markdown(manifest, sheet), key=artifact_key("curation-report", config.output),
+                             description="Curation report")
+    emit_job_event("curation", "completed", config.output,
+                   {k: manifest[k] for k in ("input", "curated", "rejected", "rejected_by_stage", "outputs")})
+
+
+# -- the stages one at a time ------------------------------------------------------------------
+
+@task(name="fetch-images", cache_policy=NO_CACHE)
+def fetch_images(data: Rows, config: FetchConfig | dict[str, Any] | None = None, workers: int = 2) -> Rows:
+    """Read each row's `uri` (or each URI of a list of strings) with retries.
+
+    Adds `image_bytes`, `fetch_error` ("" when read; else the URI and the cause) and
+    `fetch_attempts`. Transient failures (5xx, SlowDown, resets, timeouts) are retried with
+    backoff; a missing or denied object is an error row at once.
+
+    Example:
+        ```python
+        @flow
+        def sizes(uris: list[str]):
+            return [len(r["image_bytes"]) for r in fetch_images(uris)]
+        ```
+    """
+    return stages.fetch_stage(data, config, workers)
+
+
+@task(name="decode-images", cache_policy=NO_CACHE)
+def decode_images(data: Rows, config: DecodeConfig | dict[str, Any] | None = None, workers: int = 1) -> Rows:
+    """Check and normalise fetched images (Pillow): adds `image` (PNG), sizes, format, frames,
+    sha256, pHash and `decode_error` (bombs, truncated, non-image and empty files name the reason).
+
+    Example:
+        ```python
+        @flow
+        def hashes(uris: list[str]):
+            return [r["phash"] for r in decode_images(fetch_images(uris))]
+        ```
+    """
+    return stages.decode_stage(data, config, workers)
+
+
+@task(name="caption-images", cache_policy=NO_CACHE)
+def caption_images(data: Rows, model: ModelSpec, prompt: str = stages.DEFAULT_PROMPT,
+                   json_schema: dict[str, Any] | None = None, sampling: SamplingParams | None = None) -> Rows:
+    """Caption and score decoded images with a VLM (Ray Data LLM, vLLM); rows become records
+    (`caption`, `scores` JSON, `stage`/`reason` for rows that failed here or earlier).
+
+    Needs a connected Ray (`tasks.runtime.connect_ray`). Example:
+        ```python
+        @flow
+        def captions(uris: list[str]):
+            connect_ray()
+            model = ModelSpec(source="./models/tiny-vlm", engine_kwargs={"max_model_len": 512})
+            return [r["caption"] for r in caption_images(decode_images(fetch_images(uris)), model)]
+        ```
+    """
+    return stages.caption_stage(data, model, prompt, json_schema, sampling)
+
+
+@task(name="filter-images", cache_policy=NO_CACHE)
+def filter_images(data: Rows, config: FilterConfig | dict[str, Any] | None = None) -> Rows:
+    """Reject records that fail the rules (size, aspect ratio, VLM score thresholds) with
+    `stage` "filter" and the reason; records already rejected pass through.
+
+    Example:
+        ```python
+        @flow
+        def big_enough(records: list[dict]):
+            return [r for r in filter_images(records, {"min_width": 256}) if not r["stage"]]
+        ```
+    """
+    return stages.apply_rules(data, config)
+
+
+@task(name="dedup-images", cache_policy=NO_CACHE)
+def dedup_images(data: Rows, config: FilterConfig | dict[str, Any] | None = None) -> Rows:
+    """Reject exact (sha256) and near (pHash) duplicates with `stage` "dedup", keeping the first
+    by URI; the reason names the image kept. A Dataset is collected (records carry no pixels).
+
+    Example:
+        ```python
+        @flow
+        def unique(records: list[dict]):
+            return [r["uri"] for r in dedup_images(records, {"phash_max_distance": 4}) if not r["stage"]]
+        ```
+    """
+    return stages.drop_duplicates(data, config)
+
+
+@task(name="write-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def write_curation(data: Rows, output: str, storage_options: dict[str, Any] | None = None, model_name: str = "",
+                   fetch: FetchConfig | None = None, contact_sheet_images: int = 24) -> dict[str, Any]:
+    """Write curated.parquet, rejected.parquet, contact_sheet.png and manifest.json; returns the manifest.
+
+    Example:
+        ```python
+        @flow
+        def save(records: list[dict]):
+            return write_curation(dedup_images(filter_images(records)), "s3://bucket/curated/")
+        ```
+    """
+    records = data.take_all() if hasattr(data, "take_all") else data
+    return stages.write_outputs(records, output, storage_options=storage_options, model_name=model_name, fetch=fetch,
+                                contact_sheet_images=contact_sheet_images)

@@ -280,3 +280,62 @@ def test_bktree_agrees_with_brute_force():
         brute = min(((hamming(h, k), f"u{i:04d}") for i, k in enumerate(hashes[:600])), default=None)
         expected = brute if brute and brute[0] <= 4 else None
         assert tree.nearest_within(h, 4) == expected
+
+
+def test_stage_tasks_run_alone_on_lists_and_on_a_dataset(tmp_path, prefect_server, ray_session):
+    """fetch/decode/filter/dedup/write as Prefect tasks of a user's own flow, without the VLM:
+    over a list of URIs (computed in the flow process) and over a Ray Dataset (lazy stages, one
+    pipeline) they agree with the corpus's expected outcomes. The Dataset is split so that both
+    fetch workers get input."""
+    from prefect import flow
+
+    from rayllm_stages.curation import fetch_batch_size, image_dataset
+    from tasks.curation import decode_images, dedup_images, fetch_images, filter_images, write_curation
+
+    corpus = build_corpus(str(tmp_path / "corpus"))
+    uris = corpus.uris()
+    rules, near = {"min_width": 32, "min_height": 32}, {"phash_max_distance": 6}
+
+    @flow
+    def on_a_list() -> tuple[list[dict], dict]:
+        decoded = decode_images(fetch_images(uris, {"max_attempts": 2}), {"max_edge": 64})
+        records = dedup_images(filter_images(decoded, rules), near)
+        return records, write_curation(records, str(tmp_path / "out"), contact_sheet_images=6)
+
+    @flow
+    def on_a_dataset() -> tuple[list[dict], int]:
+        dataset = image_dataset(uris, fetch_batch_size(len(uris), workers=2, max_concurrency=32))
+        staged = filter_images(decode_images(fetch_images(dataset, {"max_attempts": 2}, workers=2)), rules)
+        return dedup_images(staged, near).take_all(), dataset.num_blocks()
+
+    expected_stage = {"kept": "", "fetch_error": "fetch", "decode_error": "decode", "duplicate": "dedup"}
+    records, manifest = on_a_list()
+    dataset_records, blocks = on_a_dataset()
+    assert blocks == 2
+    for found in (records, dataset_records):
+        stages = {r["uri"]: r["stage"] for r in found}
+        assert stages == {uri: expected_stage[e.outcome] for uri, e in corpus.expected.items()}
+    assert manifest["input"] == 16 and manifest["curated"] == 8 and manifest["rejected_by_stage"] == {"fetch": 1, "decode": 5, "dedup": 2}
+    assert len(manifest["contact_sheet"]["kept"]) == 3 and len(manifest["contact_sheet"]["rejected"]) == 3
+    assert Image.open(tmp_path / "out" / "contact_sheet.png").format == "PNG"
+
+
+def test_proxy_stall_holds_matching_gets_until_released(local_s3, corpus):
+    """The proxy's injected stall fault (used to stop a run half-way in the resume test)."""
+    import threading
+    import time
+
+    import s3fs
+
+    key = corpus.uris("kept")[0].removeprefix("s3://")
+    with S3Proxy(local_s3.endpoint_url, stall_gets=lambda path: path.endswith("a-shapes.png")) as proxy:
+        fs = s3fs.S3FileSystem(**through(proxy.endpoint_url), skip_instance_cache=True)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(fs.cat_file(key)), daemon=True)
+        reader.start()
+        time.sleep(1.0)
+        assert not got and proxy.stats.stalled == 1
+        assert fs.ls("curation/corpus/images")  # listings and other keys pass
+        proxy.release()
+        reader.join(10)
+    assert got and got[0] == local_s3.filesystem().cat_file(key)
