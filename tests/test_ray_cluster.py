@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 import pytest
 import yaml
@@ -67,3 +68,50 @@ def test_batch_runs_on_a_ray_cluster_through_ray_address(tmp_path, ray_head, tin
     # The job ran on the cluster we named, not on a new local Ray.
     port = address.rsplit(":", 1)[1]
     assert re.search(rf"Ray connected at \S+:{port} ", run.stdout + run.stderr), run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_rollout_runs_on_a_ray_cluster_through_ray_address(tmp_path, ray_head, tiny_models, prefect_server):
+    """The example rollout config, pointed at another cluster: the endpoint outlives the CLI process
+    and operators find and remove it there."""
+    address, _ = ray_head
+    config = yaml.safe_load((REPO / "examples" / "rollout-cpu.yaml").read_text())
+    http_port = _free_port()
+    config["candidate"]["source"] = str(tiny_models["good"])
+    config["candidate"]["concurrency"] = 1
+    config["http"]["port"] = http_port
+    config["evaluation"]["dataset"]["path"] = str(REPO / "examples" / "data" / "colours-eval.jsonl")
+    config["evaluation"]["output"] = str(tmp_path / "evals")
+    for prompt in config["smoke"]:
+        prompt["max_latency_s"] = 60  # a loaded 2-core machine
+    config_path = tmp_path / "rollout.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "RAYLLM_RAY_LOGS": "0"}
+
+    def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--ray-address", address],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+    rolled = cli("rollout", str(config_path))
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "promoted:" in rolled.stderr, rolled.stderr
+
+    # The CLI has exited; the endpoint keeps serving from the cluster.
+    body = json.dumps({"model": "colours", "messages": [{"role": "user", "content": "Is red warm or cool?"}], "max_tokens": 4})
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/colours/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert "warm" in json.loads(response.read())["choices"][0]["message"]["content"]
+
+    status = cli("endpoint", "status", "colours", timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    described = json.loads(status.stdout[status.stdout.index("{"):])
+    assert list(described["weights"].values()) == [100] and described["primary"] in described["weights"]
+
+    scaled = cli("endpoint", "scale", str(config_path), "--min", "1", "--max", "2", timeout=300)
+    assert scaled.returncode == 0 and "1..2 replicas" in scaled.stdout, scaled.stdout + scaled.stderr
+
+    removed = cli("endpoint", "teardown", "colours", timeout=120)
+    assert removed.returncode == 0 and "colours-" in removed.stdout, removed.stdout + removed.stderr
+    gone = cli("endpoint", "status", "colours", timeout=120)
+    assert gone.returncode == 1, gone.stdout + gone.stderr
