@@ -12,6 +12,7 @@ from tasks.chain import finalize_chain, prepare_chain, run_chain_steps
 from tasks.evaluation import (
     GateFailed,
     check_evaluation_input,
+    emit_evaluation_failed,
     gate_failure_message,
     load_baseline,
     publish_evaluation,
@@ -21,7 +22,7 @@ from tasks.evaluation import (
 from tasks.runtime import connect_ray
 
 
-@flow(name="evaluate", validate_parameters=True)
+@flow(name="evaluate", validate_parameters=True, on_failure=[emit_evaluation_failed])
 def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationResult:
     """Evaluate every target on the dataset; compare with the baseline; apply the gate.
 
