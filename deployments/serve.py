@@ -13,6 +13,7 @@ reused.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ def serve(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = Non
             print(f"starting a local Prefect server at {server.ui_url} (PREFECT_HOME: "
                   f"{os.environ.get('PREFECT_HOME', '~/.prefect')}) …", file=sys.stderr)
             server.start()
+            # A SIGTERM stops serving the way Ctrl-C does, so that the server below stops too.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         os.environ["PREFECT_API_URL"] = local_url
     try:
         from prefect.settings import temporary_settings
