@@ -1,5 +1,5 @@
-"""Serve every deployment of prefect.yaml from this process with `prefect.serve`: no work pool,
-no worker. Schedules, triggers, parameters, tags and concurrency limits come from prefect.yaml.
+"""Serve every deployment of prefect.yaml from this process, as `prefect.serve` does: no work
+pool, no worker. Schedules, triggers, parameters, tags and concurrency limits come from prefect.yaml.
 
     python -m deployments.serve                 # or: rayllm serve
     python -m deployments.serve batch nightly   # only these deployments
@@ -31,11 +31,17 @@ def runner_deployments(prefect_file: str | Path = PREFECT_FILE, names: list[str]
 
 
 def to_runner_deployment(spec: DeploymentSpec, name_suffix: str = ""):
-    """One prefect.yaml entry as a RunnerDeployment served from this process.
+    """One prefect.yaml entry as a RunnerDeployment (what `flow.to_deployment` gives)."""
+    flow, options = served_flow(spec)
+    return flow.to_deployment(name=spec.name + name_suffix, **options)
 
-    The flow runs in a subprocess of this process (no pull steps: the code is the one installed
-    here). The retries a worker would get from the work pool's environment
-    (PREFECT_FLOWS_DEFAULT_RETRIES...) are set on the flow itself.
+
+def served_flow(spec: DeploymentSpec) -> tuple[Any, dict[str, Any]]:
+    """The flow of one prefect.yaml entry and its deployment options, for a Runner in this process.
+
+    The runs execute the flow object in a subprocess of this process (no pull steps: the code is
+    the one installed here). The retries a worker would get from the work pool's environment
+    (PREFECT_FLOWS_DEFAULT_RETRIES...) are set on that flow object.
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.deployments.runner import EntrypointType
@@ -48,8 +54,7 @@ def to_runner_deployment(spec: DeploymentSpec, name_suffix: str = ""):
     limit = spec.concurrency_limit
     if isinstance(limit, dict):
         limit = ConcurrencyLimitConfig(limit=limit["limit"], collision_strategy=limit.get("collision_strategy", "ENQUEUE"))
-    return flow.to_deployment(
-        name=spec.name + name_suffix,
+    return flow, dict(
         schedules=[_schedule(s) for s in spec.schedules] or None,
         parameters=spec.parameters,
         description=spec.description,
@@ -75,7 +80,6 @@ def _schedule(item: dict[str, Any]):
 def serve(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, limit: int | None = None,
           port: int = DEFAULT_PORT) -> None:
     """Serve the deployments until interrupted, starting a local Prefect server when none is configured."""
-    import prefect
     from prefect.settings import PREFECT_API_URL
 
     specs = deployment_specs(prefect_file, names)
@@ -98,11 +102,32 @@ def serve(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = Non
         from prefect.settings import temporary_settings
 
         with temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):
-            deployments = [to_runner_deployment(spec) for spec in specs]
-            prefect.serve(*deployments, limit=limit)
+            _run(specs, limit)
     finally:
         if server is not None:
             server.stop()
+
+
+def _run(specs: list[DeploymentSpec], limit: int | None) -> None:
+    """`prefect.serve`, with the flow objects registered, so that each run executes the flow as
+    configured here (retries included) rather than re-importing it."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    runner = Runner(limit=limit, pause_on_shutdown=True)
+    names = []
+    for spec in specs:
+        flow, options = served_flow(spec)
+        runner.add_flow(flow, name=spec.name, **options)
+        names.append(f"{flow.name}/{spec.name}")
+    print("serving (schedules and triggers included): " + ", ".join(names) + f" on {os.environ['PREFECT_API_URL']}",
+          file=sys.stderr, flush=True)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        print("stopped serving", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
