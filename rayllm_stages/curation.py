@@ -502,6 +502,18 @@ def write_outputs(records: Sequence[Mapping[str, Any]], output: str | Location, 
     return manifest
 
 
+def stream_rows(dataset) -> Iterable[dict[str, Any]]:
+    """A Dataset's rows as soon as each block is out of the pipeline.
+
+    `Dataset.iter_rows()` prefetches: it asks for the next block before handing over the current
+    one, so the newest finished block waits in the object store until another is done (or the
+    stream ends). Here that would hold finished records back from the run log (and from the
+    progress bar) for a block's worth of work; without prefetch they are committed as they come.
+    """
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        yield from batch.to_pylist()
+
+
 # -- one run, resumable and incremental -------------------------------------------------------
 
 @dataclass
@@ -601,7 +613,7 @@ class CurationRun:
         if on_progress:
             on_progress(finished, len(uris))
         try:
-            for row in self.pipeline(todo).iter_rows() if todo else []:
+            for row in stream_rows(self.pipeline(todo)) if todo else []:
                 record = _plain_record(row)
                 line = json.dumps(record, ensure_ascii=False)
                 if record["stage"]:

@@ -30,27 +30,34 @@ def test_tiny_vlm_folder_is_complete(tiny_vlm):
 
 @pytest.mark.slow
 def test_images_get_schema_valid_captions_and_scores(ray_session, tiny_vlm):
-    import ray
-
-    from rayllm_stages.config import ModelSpec
-    from rayllm_stages.engines import build_engine_processor, engine_error_of
-    from rayllm_stages.vision import DEFAULT_SCORE_SCHEMA, IMAGE_COLUMN, ImageStep
-
-    rows = [{"row_index": i, "row_key": f"img{i}", "row_json": json.dumps({"uri": f"s3://b/img{i}.png"}),
-             "usage_json": "{}", IMAGE_COLUMN: _png(i)} for i in range(10)]
-    rows.append({"row_index": 10, "row_key": "no-image", "row_json": "{}", "usage_json": "{}", IMAGE_COLUMN: b""})
-    spec = ModelSpec(source=str(tiny_vlm), engine_kwargs={"max_model_len": 512, "dtype": "float32"}, batch_size=4)
-    step = ImageStep("Describe the image and rate its quality.", {"temperature": 0.0, "max_tokens": 64, "top_k": -1, "stop": []})
-
-    out = {r["row_key"]: r for r in build_engine_processor(spec, step)(ray.data.from_items(rows)).take_all()}
-
-    assert len(out) == len(rows)
-    assert "no image in 'image_png'" in engine_error_of(out["no-image"])
+    """The caption stage over a list of rows (decoded here): every image gets a schema-valid
+    caption and score; rows that failed earlier keep their stage and reason; a row without an
+    image fails in the caption step with a reason naming the column."""
     import jsonschema
 
-    for key in (f"img{i}" for i in range(10)):
-        assert not engine_error_of(out[key]), engine_error_of(out[key])
-        record = json.loads(out[key]["row_json"])
-        jsonschema.validate(record["vlm"], DEFAULT_SCORE_SCHEMA)
-        assert record["uri"] == f"s3://b/{key}.png"
-        assert out[key]["num_input_tokens"] > 20  # the image's tokens reached the model, not just the text
+    from rayllm_stages.config import ModelSpec, SamplingParams
+    from rayllm_stages.curation import caption_stage, decode_stage
+    from rayllm_stages.vision import DEFAULT_SCORE_SCHEMA
+
+    fetched = [{"uri": f"s3://b/img{i}.png", "image_bytes": _png(i), "fetch_error": "", "fetch_attempts": 1} for i in range(10)]
+    fetched.append({"uri": "s3://b/broken.png", "image_bytes": b"not an image", "fetch_error": "", "fetch_attempts": 1})
+    fetched.append({"uri": "s3://b/gone.png", "image_bytes": b"", "fetch_error": "s3://b/gone.png: FileNotFoundError: gone",
+                    "fetch_attempts": 1})
+    decoded = decode_stage(fetched)
+    decoded.append({**decoded[0], "uri": "s3://b/no-image", "image": b""})
+    spec = ModelSpec(source=str(tiny_vlm), engine_kwargs={"max_model_len": 512, "dtype": "float32"}, batch_size=4)
+
+    records = caption_stage(decoded, spec, "Describe the image and rate its quality.", sampling=SamplingParams(max_tokens=64))
+
+    assert [r["uri"] for r in records] == [r["uri"] for r in decoded]  # one record per row, in order
+    out = {r["uri"]: r for r in records}
+    assert out["s3://b/gone.png"]["stage"] == "fetch" and "FileNotFoundError" in out["s3://b/gone.png"]["reason"]
+    assert out["s3://b/broken.png"]["stage"] == "decode" and "not a recognised image format" in out["s3://b/broken.png"]["reason"]
+    assert out["s3://b/no-image"]["stage"] == "caption" and "no image in 'image_png'" in out["s3://b/no-image"]["reason"]
+    for i in range(10):
+        record = out[f"s3://b/img{i}.png"]
+        assert not record["stage"], record["reason"]
+        scores = json.loads(record["scores"])
+        jsonschema.validate(scores, DEFAULT_SCORE_SCHEMA)
+        assert record["caption"] == scores["caption"] and (record["width"], record["height"]) == (40 + 7 * i, 30 + 3 * i)
+        assert record["tokens_in"] > 20  # the image's tokens reached the model, not just the text
