@@ -156,6 +156,12 @@ def _apply_locally(udf: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     return out
 
 
+def _actor_pool(workers: int):
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(size=workers)
+
+
 def fetch_batch_size(images: int, workers: int, max_concurrency: int) -> int:
     """Rows per fetch batch: enough to keep a worker's reads in flight, small enough that every
     worker gets batches even for a few images (one batch would leave all but one worker idle)."""
@@ -196,7 +202,7 @@ def fetch_stage(data: Any, config: FetchConfig | dict[str, Any] | None = None, w
         return _apply_locally(FetchImages(config), data, batch_size)
     # Each actor holds a thread pool with max_concurrency reads in flight, so it needs a fraction
     # of a CPU: on a small machine the CPUs go to decoding and the model.
-    return data.map_batches(FetchImages, fn_constructor_kwargs={"config": config}, concurrency=workers,
+    return data.map_batches(FetchImages, fn_constructor_kwargs={"config": config}, compute=_actor_pool(workers),
                             num_cpus=0.25, batch_size=batch_size)
 
 
@@ -209,7 +215,7 @@ def decode_stage(data: Any, config: DecodeConfig | dict[str, Any] | None = None,
     config = DecodeConfig.model_validate(config or {})
     if not _is_dataset(data):
         return _apply_locally(DecodeImages(config), data, batch_size)
-    return data.map_batches(DecodeImages, fn_constructor_kwargs={"config": config}, concurrency=workers,
+    return data.map_batches(DecodeImages, fn_constructor_kwargs={"config": config}, compute=_actor_pool(workers),
                             num_cpus=0.5, batch_size=batch_size)
 
 
