@@ -8,7 +8,8 @@
 - `eval_config`, `evaluation`, `eval_metrics`, `eval_stats`, `eval_report`: evaluation runs, scoring,
   bootstrap intervals, baselines, gates and reports.
 - `rollout_config`, `endpoints`, `traffic`: Serve LLM endpoint versions, the weighted router, rollout steps.
-- `curation`, `image_source`, `image_fetch`, `image_decode`, `image_filter`, `vision`: image curation.
+- `curation`, `image_source`, `image_fetch`, `image_decode`, `image_filter`, `vision`, `image_report`: image
+  curation (`image_report`: the contact sheet).
 - `run_log`, `manifest`, `storage`: resumable committed parts, `manifest.json`, fsspec locations.
 - `ray_runtime`: one Ray per process, and reaping clusters left by dead drivers.
 - `tiny_models`, `tiny_vision`, `local_s3`, `image_corpus`, `s3_proxy`: small local models, an S3
