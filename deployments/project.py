@@ -46,6 +46,14 @@ class DeploymentSpec:
 
         return load_flow_from_entrypoint(self.entrypoint, use_placeholder_flow=False)
 
+    def configured_flow(self):
+        """The flow with the retries the work pool's environment gives it on a worker
+        (PREFECT_FLOWS_DEFAULT_RETRIES, PREFECT_FLOWS_DEFAULT_RETRY_DELAY_SECONDS)."""
+        flow, env = self.load_flow(), self.env
+        if RETRY_ENV[0] in env:
+            flow = flow.with_options(retries=int(env[RETRY_ENV[0]]), retry_delay_seconds=float(env.get(RETRY_ENV[1], 0)))
+        return flow
+
 
 def load_project(prefect_file: str | Path = PREFECT_FILE) -> dict[str, Any]:
     """prefect.yaml as a mapping (anchors and `<<` merge keys resolved, as Prefect reads it)."""

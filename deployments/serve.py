@@ -1,4 +1,4 @@
-"""Serve every deployment of prefect.yaml from this process, as `prefect.serve` does: no work
+"""Serve every deployment of prefect.yaml from this process with `prefect.serve`: no work
 pool, no worker. Schedules, triggers, parameters, tags and concurrency limits come from prefect.yaml.
 
     python -m deployments.serve                 # or: rayllm serve
@@ -19,42 +19,33 @@ from pathlib import Path
 from typing import Any
 
 from deployments.project import PREFECT_FILE, RETRY_ENV, DeploymentSpec, deployment_specs
+from deployments.served import PREFECT_FILE_ENV
 from deployments.server import LocalPrefectServer, api_healthy
 
 DEFAULT_PORT = 4200
 
 
-def runner_deployments(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None,
-                       name_suffix: str = "") -> list[Any]:
-    """`flow.to_deployment(...)` for each deployment of prefect.yaml (what `prefect.serve` takes)."""
-    return [to_runner_deployment(spec, name_suffix) for spec in deployment_specs(prefect_file, names)]
+def runner_deployments(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None) -> list[Any]:
+    """The deployments of prefect.yaml as `prefect.serve` takes them (RunnerDeployment objects)."""
+    return [to_runner_deployment(spec) for spec in deployment_specs(prefect_file, names)]
 
 
-def to_runner_deployment(spec: DeploymentSpec, name_suffix: str = ""):
-    """One prefect.yaml entry as a RunnerDeployment (what `flow.to_deployment` gives)."""
-    flow, options = served_flow(spec)
-    return flow.to_deployment(name=spec.name + name_suffix, **options)
+def to_runner_deployment(spec: DeploymentSpec):
+    """One prefect.yaml entry as a RunnerDeployment served from this process.
 
-
-def served_flow(spec: DeploymentSpec) -> tuple[Any, dict[str, Any]]:
-    """The flow of one prefect.yaml entry and its deployment options, for a Runner in this process.
-
-    The runs execute the flow object in a subprocess of this process (no pull steps: the code is
-    the one installed here). The retries a worker would get from the work pool's environment
-    (PREFECT_FLOWS_DEFAULT_RETRIES...) are set on that flow object.
+    Its entrypoint is `deployments.served.<name>`: each run imports the flow afresh in a
+    subprocess, configured as on a worker (flow retries included). There are no pull steps: the
+    code is the one installed here.
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
-    flow = spec.load_flow()
-    env = spec.env
-    if RETRY_ENV[0] in env:
-        flow = flow.with_options(retries=int(env[RETRY_ENV[0]]), retry_delay_seconds=float(env.get(RETRY_ENV[1], 0)))
     limit = spec.concurrency_limit
     if isinstance(limit, dict):
         limit = ConcurrencyLimitConfig(limit=limit["limit"], collision_strategy=limit.get("collision_strategy", "ENQUEUE"))
-    return flow, dict(
+    deployment = spec.configured_flow().to_deployment(
+        name=spec.name,
         schedules=[_schedule(s) for s in spec.schedules] or None,
         parameters=spec.parameters,
         description=spec.description,
@@ -64,6 +55,8 @@ def served_flow(spec: DeploymentSpec) -> tuple[Any, dict[str, Any]]:
         enforce_parameter_schema=True,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
+    deployment.entrypoint = f"deployments.served.{spec.name}"  # a module path: no storage to pull
+    return deployment
 
 
 def _schedule(item: dict[str, Any]):
@@ -83,6 +76,7 @@ def serve(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = Non
     from prefect.settings import PREFECT_API_URL
 
     specs = deployment_specs(prefect_file, names)
+    os.environ[PREFECT_FILE_ENV] = str(Path(prefect_file).resolve())  # for the runs' entrypoints
     for spec in specs:  # the job environment the work pool would set (e.g. RAYLLM_RAY_LOG_LEVEL)
         for key, value in spec.env.items():
             if key not in RETRY_ENV:
@@ -109,25 +103,9 @@ def serve(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = Non
 
 
 def _run(specs: list[DeploymentSpec], limit: int | None) -> None:
-    """`prefect.serve`, with the flow objects registered, so that each run executes the flow as
-    configured here (retries included) rather than re-importing it."""
-    import asyncio
+    import prefect
 
-    from prefect.exceptions import TerminationSignal
-    from prefect.runner import Runner
-
-    runner = Runner(limit=limit, pause_on_shutdown=True)
-    names = []
-    for spec in specs:
-        flow, options = served_flow(spec)
-        runner.add_flow(flow, name=spec.name, **options)
-        names.append(f"{flow.name}/{spec.name}")
-    print("serving (schedules and triggers included): " + ", ".join(names) + f" on {os.environ['PREFECT_API_URL']}",
-          file=sys.stderr, flush=True)
-    try:
-        asyncio.run(runner.start())
-    except (KeyboardInterrupt, TerminationSignal):
-        print("stopped serving", file=sys.stderr)
+    prefect.serve(*[to_runner_deployment(spec) for spec in specs], limit=limit)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,7 +122,9 @@ def test_schedules_pool_concurrency_tags_and_trigger():
 
 
 def test_serve_builds_the_same_deployments():
-    from deployments.serve import runner_deployments, served_flow
+    from prefect.utilities.importtools import import_object
+
+    from deployments.serve import runner_deployments
 
     served = {d.name: d for d in runner_deployments()}
     assert set(served) == set(EXAMPLES)
@@ -130,7 +132,8 @@ def test_serve_builds_the_same_deployments():
     assert served["colours"].concurrency_limit == 1
     assert [t.expect for t in served["colours"].triggers] == [{"rayllm.evaluation.completed"}]
     assert served["batch"].parameters == deployment_specs(names=["batch"])[0].parameters
-    flows = {spec.name: served_flow(spec)[0] for spec in deployment_specs()}
+    assert served["batch"].entrypoint == "deployments.served.batch"
+    flows = {spec.name: import_object(served[spec.name].entrypoint) for spec in deployment_specs()}
     assert (flows["batch"].retries, flows["batch"].retry_delay_seconds) == (1, 60)
     assert (flows["nightly"].retries, flows["nightly"].retry_delay_seconds) == (1, 600)
     assert flows["colours"].retries == 0  # a rollback is a decision, not a fault
