@@ -130,6 +130,18 @@ def conclude_job(kind: str, output: str, manifest: Manifest, max_error_rate: flo
     emit_job_event(kind, "completed", output, payload)
 
 
+def job_failed_hook(job: str):
+    """A flow `on_failure` hook emitting `rayllm.<job>.failed` about the run's `config.output`, with
+    the reason, for flows that do not emit it themselves: `@flow(on_failure=[job_failed_hook("curation")])`."""
+
+    def hook(flow, flow_run, state) -> None:
+        config = (flow_run.parameters or {}).get("config") or {}
+        output = config.get("output") if isinstance(config, dict) else getattr(config, "output", None)
+        emit_job_event(job, "failed", str(output or "unknown"), {"reason": (state.message or "")[:2000]})
+
+    return hook
+
+
 def emit_job_event(job: str, outcome: str, output: str, payload: dict[str, Any]) -> None:
     """`rayllm.<job>.<outcome>` about the job's output location, for automations to chain on."""
     output = output.rstrip("/")

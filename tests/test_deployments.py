@@ -224,6 +224,29 @@ def test_a_failed_evaluation_emits_its_event(tmp_path, prefect_server, ray_sessi
     assert "nowhere.jsonl" in events[0].payload["reason"]
 
 
+def test_job_failed_hook_emits_the_failed_event(prefect_server):
+    from types import SimpleNamespace
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from tasks.reporting import job_failed_hook
+
+    output = f"s3://bucket/curated/{uuid.uuid4().hex[:8]}/"
+    job_failed_hook("curation")(None, SimpleNamespace(parameters={"config": {"output": output}}), SimpleNamespace(message="S3 down"))
+    deadline = time.time() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            events = client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=["rayllm.curation.failed"]),
+                resource=EventResourceFilter(id=[f"rayllm.curation.{output.rstrip('/')}"]),
+            ), limit=5).events
+            if events or time.time() > deadline:
+                break
+            time.sleep(1)
+    assert events and events[0].payload == {"reason": "S3 down"}
+
+
 # -- end to end on a real Prefect server (slow) -------------------------------------------------
 def _spawn(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
