@@ -8,10 +8,11 @@ from prefect import flow
 
 from rayllm_stages.curation import CurationConfig
 from tasks.curation import finalize_curation, prepare_curation, publish_curation_report, run_curation
+from tasks.reporting import job_failed_hook
 from tasks.runtime import connect_ray
 
 
-@flow(name="curate-images", validate_parameters=True)
+@flow(name="curate-images", validate_parameters=True, on_failure=[job_failed_hook("curation")])
 def curate_images(config: CurationConfig, overwrite: bool = False) -> dict[str, Any]:
     """Curate images: fetch (retries), decode and check, caption and score with a VLM, filter, dedup.
 

@@ -33,6 +33,7 @@ from tasks.endpoints import (
     smoke_test,
     wait_healthy,
 )
+from tasks.locks import endpoint_lock
 from tasks.runtime import connect_ray
 
 from .evaluation import evaluate
@@ -53,6 +54,13 @@ def rollout_endpoint(config: RolloutConfig) -> RolloutReport:
         RolloutRolledBack: a check failed and the previous version serves all traffic again
             (the exception carries the report; the flow run ends Failed).
     """
+    # One rollout per endpoint at a time, whoever starts it (deployment, automation, Python):
+    # another waits here for the global concurrency limit rollout-<endpoint>.
+    with endpoint_lock(config.endpoint):
+        return _roll_out(config)
+
+
+def _roll_out(config: RolloutConfig) -> RolloutReport:
     logger = get_run_logger()
     connect_ray(config.ray_address)
     plan = plan_rollout(config)

@@ -236,3 +236,19 @@ def test_example_config_lists_the_corpus_made_by_the_cli(tmp_path, monkeypatch):
     preparation = run.prepare()
     assert preparation.total == 15 and preparation.done == 0
     assert (tmp_path / config.output / "_rayllm" / "job.json").exists()
+
+
+def test_a_failed_curation_emits_its_event(tmp_path, prefect_server, ray_session):
+    from prefect_api import wait_for_event
+
+    from flows.curation import curate_images
+    from rayllm_stages.curation import CurationConfig
+
+    output = tmp_path / "out"
+    config = CurationConfig.model_validate({
+        "source": {"manifest": str(tmp_path / "no-such-manifest.txt")}, "output": str(output), "model": {"source": "m"},
+    })
+    with pytest.raises(Exception):
+        curate_images(config=config)
+    event = wait_for_event("rayllm.curation.failed", f"rayllm.curation.{output}")
+    assert "no-such-manifest.txt" in event.payload["reason"]

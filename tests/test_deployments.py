@@ -196,8 +196,7 @@ def test_endpoint_lock_admits_one_rollout_per_endpoint(prefect_server):
 
 
 def test_a_failed_evaluation_emits_its_event(tmp_path, prefect_server, ray_session):
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-    from prefect.client.orchestration import get_client
+    from prefect_api import wait_for_event
 
     from flows.evaluation import evaluate
     from rayllm_stages.eval_config import EvaluationConfig
@@ -210,41 +209,21 @@ def test_a_failed_evaluation_emits_its_event(tmp_path, prefect_server, ray_sessi
     )
     with pytest.raises(Exception):
         evaluate(config=config)
-    deadline = time.time() + 30
-    with get_client(sync_client=True) as client:
-        while True:
-            events = client.read_events(filter=EventFilter(
-                event=EventNameFilter(name=["rayllm.evaluation.failed"]),
-                resource=EventResourceFilter(id=[f"rayllm.evaluation.{name}"]),
-            ), limit=5).events
-            if events or time.time() > deadline:
-                break
-            time.sleep(1)
-    assert events, "no rayllm.evaluation.failed event"
-    assert "nowhere.jsonl" in events[0].payload["reason"]
+    event = wait_for_event("rayllm.evaluation.failed", f"rayllm.evaluation.{name}")
+    assert "nowhere.jsonl" in event.payload["reason"]
 
 
 def test_job_failed_hook_emits_the_failed_event(prefect_server):
     from types import SimpleNamespace
 
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect_api import wait_for_event
 
     from tasks.reporting import job_failed_hook
 
     output = f"s3://bucket/curated/{uuid.uuid4().hex[:8]}/"
     job_failed_hook("curation")(None, SimpleNamespace(parameters={"config": {"output": output}}), SimpleNamespace(message="S3 down"))
-    deadline = time.time() + 30
-    with get_client(sync_client=True) as client:
-        while True:
-            events = client.read_events(filter=EventFilter(
-                event=EventNameFilter(name=["rayllm.curation.failed"]),
-                resource=EventResourceFilter(id=[f"rayllm.curation.{output.rstrip('/')}"]),
-            ), limit=5).events
-            if events or time.time() > deadline:
-                break
-            time.sleep(1)
-    assert events and events[0].payload == {"reason": "S3 down"}
+    event = wait_for_event("rayllm.curation.failed", f"rayllm.curation.{output.rstrip('/')}")
+    assert event.payload == {"reason": "S3 down"}
 
 
 # -- end to end on a real Prefect server (slow) -------------------------------------------------
