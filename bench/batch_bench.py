@@ -249,8 +249,15 @@ def run_subprocess(
     run.launched_at = time.time()
     started = time.monotonic()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(cwd or REPO),
-        start_new_session=True, text=True, errors="replace", bufsize=1,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(cwd or REPO),
+        start_new_session=True,
+        text=True,
+        errors="replace",
+        bufsize=1,
     )
     _ACTIVE[proc.pid] = proc
     seen: dict[int, float] = {}
@@ -267,7 +274,7 @@ def run_subprocess(
             log.write(f"[{time.monotonic() - started:8.2f}] {line}")
             if line.startswith(MARKER):
                 try:
-                    run.markers.append(json.loads(line[len(MARKER):]))
+                    run.markers.append(json.loads(line[len(MARKER) :]))
                 except json.JSONDecodeError:
                     pass
             run.tail.append(line.rstrip("\n"))
@@ -327,8 +334,10 @@ def run_subprocess(
         run.leftovers_killed = _kill_tracked(seen)
         run.descendants_seen = len(seen)
         _TRACKED.clear()
-        log.write(f"# exit {run.returncode} after {run.wall_s:.2f} s; alive 1 s after exit: {run.alive_1s_after_exit}; "
-                  f"killed {LINGER_S:.0f} s after exit: {run.leftovers_killed}\n")
+        log.write(
+            f"# exit {run.returncode} after {run.wall_s:.2f} s; alive 1 s after exit: {run.alive_1s_after_exit}; "
+            f"killed {LINGER_S:.0f} s after exit: {run.leftovers_killed}\n"
+        )
         log.close()
     return run
 
@@ -423,8 +432,9 @@ def _failure(run: Run, what: str) -> dict[str, Any]:
     }
 
 
-def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path,
-             tag: str, timeout_s: float) -> tuple[dict[str, Any], Run]:
+def run_ours(
+    work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path, tag: str, timeout_s: float
+) -> tuple[dict[str, Any], Run]:
     output = work / f"out-ours-{tag}"
     config = work / f"ours-{tag}.yaml"
     write_config(config, requests, output, model, max_tokens)
@@ -474,13 +484,20 @@ def run_ours(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
     }, run
 
 
-def run_peer(work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path,
-             tag: str, timeout_s: float) -> dict[str, Any]:
+def run_peer(
+    work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path, tag: str, timeout_s: float
+) -> dict[str, Any]:
     script = work / "raw_ray_data_llm.py"
-    script.write_text(RAW_RAY_DATA_LLM % dict(
-        num_cpus=NUM_CPUS, max_model_len=MAX_MODEL_LEN, gpu_mem=GPU_MEMORY_UTILIZATION,
-        concurrency=CONCURRENCY, batch_size=BATCH_SIZE,
-    ))
+    script.write_text(
+        RAW_RAY_DATA_LLM
+        % dict(
+            num_cpus=NUM_CPUS,
+            max_model_len=MAX_MODEL_LEN,
+            gpu_mem=GPU_MEMORY_UTILIZATION,
+            concurrency=CONCURRENCY,
+            batch_size=BATCH_SIZE,
+        )
+    )
     out = work / f"out-peer-{tag}.jsonl"
     cmd = [str(PYTHON), str(script), str(requests), str(model), str(out), str(max_tokens)]
     run = run_subprocess(f"peer-{tag}", cmd, subprocess_env(), logs / f"peer-{tag}.log", timeout_s)
@@ -512,15 +529,27 @@ def run_peer(work: Path, requests: Path, model: Path, max_tokens: int, rows: int
     }
 
 
-def run_vllm(work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path,
-             tag: str, timeout_s: float) -> dict[str, Any]:
+def run_vllm(
+    work: Path, requests: Path, model: Path, max_tokens: int, rows: int, logs: Path, tag: str, timeout_s: float
+) -> dict[str, Any]:
     script = work / "vllm_run_batch_timed.py"
     script.write_text(VLLM_RUN_BATCH_TIMED)
     out = work / f"out-vllm-{tag}.jsonl"
     cmd = [
-        str(PYTHON), str(script), "-i", str(requests), "-o", str(out), "--model", str(model),
-        "--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
-        "--gpu-memory-utilization", str(GPU_MEMORY_UTILIZATION),
+        str(PYTHON),
+        str(script),
+        "-i",
+        str(requests),
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--gpu-memory-utilization",
+        str(GPU_MEMORY_UTILIZATION),
     ]
     run = run_subprocess(f"vllm-{tag}", cmd, subprocess_env(), logs / f"vllm-{tag}.log", timeout_s)
     if run.returncode != 0 or not out.exists():
@@ -573,7 +602,7 @@ def _load(run: Run) -> dict[str, float | None]:
 
 
 def _peak_rss_mib(run: Run) -> float | None:
-    return round(max(rss for _, rss, _ in run.rss_samples) / 2 ** 20, 1) if run.rss_samples else None
+    return round(max(rss for _, rss, _ in run.rss_samples) / 2**20, 1) if run.rss_samples else None
 
 
 def _count_lines(path: Path) -> int:
@@ -643,9 +672,24 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["failed_repeats"] = len(runs) - len(good)
     result["aggregate"] = "median per metric over successful repeats"
     result["runs"] = [
-        {k: r.get(k) for k in ("ok", "wall_s", "startup_s", "steady_s", "first_to_last_s", "rows_ok", "tokens_out",
-                               "load_avg_1m_during", "driver_peak_rss_mib", "alive_1s_after_exit", "leftovers_killed",
-                               "log", "error")}
+        {
+            k: r.get(k)
+            for k in (
+                "ok",
+                "wall_s",
+                "startup_s",
+                "steady_s",
+                "first_to_last_s",
+                "rows_ok",
+                "tokens_out",
+                "load_avg_1m_during",
+                "driver_peak_rss_mib",
+                "alive_1s_after_exit",
+                "leftovers_killed",
+                "log",
+                "error",
+            )
+        }
         for r in runs
     ]
     return result
@@ -674,9 +718,20 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) -> str:
-    header = ["system", "rows ok/total", "out tokens", "wall s (incl. start)", "start-up s", "steady s (excl. start)",
-              "first->last s", "rows/s incl.", "rows/s steady", "out tok/s incl.", "out tok/s steady",
-              "driver peak RSS MiB"]
+    header = [
+        "system",
+        "rows ok/total",
+        "out tokens",
+        "wall s (incl. start)",
+        "start-up s",
+        "steady s (excl. start)",
+        "first->last s",
+        "rows/s incl.",
+        "rows/s steady",
+        "out tok/s incl.",
+        "out tok/s steady",
+        "driver peak RSS MiB",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in ("ours", "peer", "vllm"):
         r = results.get(key)
@@ -685,12 +740,26 @@ def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) ->
         if not r.get("ok"):
             lines.append(f"| {LABELS[key]} | FAILED: {r.get('error')} | " + " | ".join(["-"] * (len(header) - 2)) + " |")
             continue
-        lines.append("| " + " | ".join([
-            LABELS[key], f"{r.get('rows_ok')}/{r.get('rows')}", _fmt(r.get("tokens_out")), _fmt(r["wall_s"]),
-            _fmt(r.get("startup_s")), _fmt(r.get("steady_s")), _fmt(r.get("first_to_last_s")), _fmt(r.get("rows_per_s")),
-            _fmt(r.get("rows_per_s_steady")), _fmt(r.get("tokens_per_s")), _fmt(r.get("tokens_per_s_steady")),
-            _fmt(r.get("driver_peak_rss_mib"), 0),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    LABELS[key],
+                    f"{r.get('rows_ok')}/{r.get('rows')}",
+                    _fmt(r.get("tokens_out")),
+                    _fmt(r["wall_s"]),
+                    _fmt(r.get("startup_s")),
+                    _fmt(r.get("steady_s")),
+                    _fmt(r.get("first_to_last_s")),
+                    _fmt(r.get("rows_per_s")),
+                    _fmt(r.get("rows_per_s_steady")),
+                    _fmt(r.get("tokens_per_s")),
+                    _fmt(r.get("tokens_per_s_steady")),
+                    _fmt(r.get("driver_peak_rss_mib"), 0),
+                ]
+            )
+            + " |"
+        )
     text = "\n".join(lines)
     if ratio:
         text += "\n\n| ratio (seconds, ours / peer) | incl. start | excl. start |\n|---|---|---|\n"
@@ -704,7 +773,7 @@ def markdown_table(results: dict[str, dict[str, Any]], ratio: dict[str, Any]) ->
 def rss_summary(samples: list[tuple[float, int, int]], wall: float) -> dict[str, Any]:
     if not samples:
         return {}
-    mib = 2 ** 20
+    mib = 2**20
 
     def at(fraction: float) -> dict[str, float]:
         target = fraction * wall
@@ -716,13 +785,13 @@ def rss_summary(samples: list[tuple[float, int, int]], wall: float) -> dict[str,
         "samples": len(samples),
         "interval_s": SAMPLE_EVERY_S,
         "peak_rss_mib": round(peak / mib, 1),
-        "peak_rss_gib": round(peak / 1024 ** 3, 3),
+        "peak_rss_gib": round(peak / 1024**3, 3),
         "peak_shared_mib": round(peak_shared / mib, 1),
         "peak_at_s": peak_t,
         "at_10pct": at(0.10),
         "at_50pct": at(0.50),
         "at_90pct": at(0.90),
-        "under_2_gib": peak < 2 * 1024 ** 3,
+        "under_2_gib": peak < 2 * 1024**3,
     }
 
 
@@ -731,6 +800,7 @@ def rss_summary(samples: list[tuple[float, int, int]], wall: float) -> dict[str,
 
 def code_version() -> dict[str, Any]:
     """The commit (a) ran, and whether the package files differed from it (others edit concurrently)."""
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -743,7 +813,7 @@ def code_version() -> dict[str, Any]:
 
 def build_model(path: Path) -> Path:
     sys.path.insert(0, str(REPO))
-    from rayllm_stages.tiny_models import build_tiny_chat_model
+    from prefect_rayllm.rayllm_stages.testing.tiny_models import build_tiny_chat_model
 
     return Path(build_tiny_chat_model(path, trained=False))
 
@@ -756,10 +826,12 @@ def main() -> int:
     parser.add_argument("--skip-rss", action="store_true", help="skip the RSS check")
     parser.add_argument("--skip-compare", action="store_true", help="only the RSS check")
     parser.add_argument("--systems", default="ours,peer,vllm", help="which of ours,peer,vllm to run, in order")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="measured rounds (systems interleaved); the table shows per-metric medians")
-    parser.add_argument("--no-warmup", action="store_true",
-                        help="skip the unmeasured 32-row run of each system (it fills vLLM's compile cache)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="measured rounds (systems interleaved); the table shows per-metric medians"
+    )
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="skip the unmeasured 32-row run of each system (it fills vLLM's compile cache)"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured subprocess")
     parser.add_argument("--rss-timeout", type=float, default=3600, help="seconds for the RSS run")
     parser.add_argument("--keep-work", action="store_true", help="keep the temp work dir (inputs, outputs)")
@@ -778,12 +850,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     report: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
-                    "load_avg_at_start": os.getloadavg()},
-        "settings": {"rows": args.rows, "max_tokens": args.max_tokens, "temperature": 0.0,
-                     "max_model_len": MAX_MODEL_LEN, "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
-                     "concurrency": CONCURRENCY, "batch_size": BATCH_SIZE, "ray_num_cpus_peer": NUM_CPUS,
-                     "warmup": not args.no_warmup, "repeat": args.repeat},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+            "load_avg_at_start": os.getloadavg(),
+        },
+        "settings": {
+            "rows": args.rows,
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+            "max_model_len": MAX_MODEL_LEN,
+            "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
+            "concurrency": CONCURRENCY,
+            "batch_size": BATCH_SIZE,
+            "ray_num_cpus_peer": NUM_CPUS,
+            "warmup": not args.no_warmup,
+            "repeat": args.repeat,
+        },
         "definitions": DEFINITIONS,
         "code_at_start": code_version(),
     }
@@ -817,11 +900,13 @@ def main() -> int:
                     derive(r)
                     runs[name].append(r)
                     if r.get("ok"):
-                        print(f"  wall {r['wall_s']:.1f} s, start-up {_fmt(r.get('startup_s'))} s, "
-                              f"first->last {_fmt(r.get('first_to_last_s'))} s, {r.get('rows_ok')} rows ok, "
-                              f"{r.get('tokens_out')} output tokens; 1-min load average during the run "
-                              f"{r['load_avg_1m_during']}; leftovers killed: {len(r.get('leftovers_killed') or [])}",
-                              flush=True)
+                        print(
+                            f"  wall {r['wall_s']:.1f} s, start-up {_fmt(r.get('startup_s'))} s, "
+                            f"first->last {_fmt(r.get('first_to_last_s'))} s, {r.get('rows_ok')} rows ok, "
+                            f"{r.get('tokens_out')} output tokens; 1-min load average during the run "
+                            f"{r['load_avg_1m_during']}; leftovers killed: {len(r.get('leftovers_killed') or [])}",
+                            flush=True,
+                        )
                     else:
                         exit_code = 1
                         print(f"  FAILED: {r.get('error')} (log {r.get('log')})", flush=True)
@@ -835,15 +920,20 @@ def main() -> int:
             print("\nDefinitions:\n- " + "\n- ".join(DEFINITIONS), flush=True)
             if "ours" in results and results["ours"].get("ok"):
                 timings = results["ours"]["manifest_timings"]
-                print(f"- (a) manifest: timings.wall_s={timings.get('wall_s')} (execute attempts, inside the job), "
-                      f"timings.first_result_s={timings.get('first_result_s')} (execute start -> first result)")
+                print(
+                    f"- (a) manifest: timings.wall_s={timings.get('wall_s')} (execute attempts, inside the job), "
+                    f"timings.first_result_s={timings.get('first_result_s')} (execute start -> first result)"
+                )
             print("\n" + table + "\n", flush=True)
 
         if not args.skip_rss:
             rss_input = work / "rss-requests.jsonl"
             write_requests(rss_input, args.rss_rows, 1, seed=2)
-            print(f"RSS check: {args.rss_rows} requests (max_tokens 1) through (a), "
-                  f"sampling the driver's RSS every {SAMPLE_EVERY_S} s ...", flush=True)
+            print(
+                f"RSS check: {args.rss_rows} requests (max_tokens 1) through (a), "
+                f"sampling the driver's RSS every {SAMPLE_EVERY_S} s ...",
+                flush=True,
+            )
             r, run = run_ours(work, rss_input, model, 1, args.rss_rows, logs, "rss", args.rss_timeout)
             summary = rss_summary(run.rss_samples, run.wall_s)
             summary.update(rss_during_inference(run, r.get("manifest_timings") or {}, args.rss_rows))
@@ -854,12 +944,12 @@ def main() -> int:
                 "wall_s": round(run.wall_s, 3),
                 "timed_out": run.timed_out,
                 "load_avg_1m_during": _load(run),
-        "driver_peak_rss_mib": _peak_rss_mib(run),
+                "driver_peak_rss_mib": _peak_rss_mib(run),
                 "rows_ok": r.get("rows_ok"),
                 "rows_failed": r.get("rows_failed"),
                 "manifest_timings": r.get("manifest_timings"),
                 **summary,
-                "series_mib": [(t, round(b / 2 ** 20, 1), round(sh / 2 ** 20, 1)) for t, b, sh in run.rss_samples],
+                "series_mib": [(t, round(b / 2**20, 1), round(sh / 2**20, 1)) for t, b, sh in run.rss_samples],
                 "series_columns": ["seconds since launch", "rss MiB", "shared MiB (file-backed + shm, in rss)"],
             }
             report["rss"] = rss_report
@@ -868,15 +958,21 @@ def main() -> int:
                 print(f"  FAILED: {r.get('error')} (log {r.get('log')})", flush=True)
                 print("  " + "\n  ".join(r.get("tail", [])[-15:]), flush=True)
             if summary:
-                print(f"  wall {run.wall_s:.1f} s, {r.get('rows_ok')} rows ok; driver RSS peak "
-                      f"{summary['peak_rss_mib']} MiB at {summary['peak_at_s']} s; at 10% {summary['at_10pct']['rss_mib']}, "
-                      f"50% {summary['at_50pct']['rss_mib']}, 90% {summary['at_90pct']['rss_mib']} MiB; "
-                      f"under 2 GiB: {summary['under_2_gib']}", flush=True)
+                print(
+                    f"  wall {run.wall_s:.1f} s, {r.get('rows_ok')} rows ok; driver RSS peak "
+                    f"{summary['peak_rss_mib']} MiB at {summary['peak_at_s']} s; at 10% {summary['at_10pct']['rss_mib']}, "
+                    f"50% {summary['at_50pct']['rss_mib']}, 90% {summary['at_90pct']['rss_mib']} MiB; "
+                    f"under 2 GiB: {summary['under_2_gib']}",
+                    flush=True,
+                )
                 if "inference" in summary:
                     inf = summary["inference"]
-                    print(f"  while rows flowed ({inf['from_s']} s -> {inf['to_s']} s): RSS {inf['rss_first_mib']} -> "
-                          f"{inf['rss_last_mib']} MiB (min {inf['rss_min_mib']}, max {inf['rss_max_mib']}; "
-                          f"{inf['growth_kib_per_1000_rows']} KiB per 1,000 rows)", flush=True)
+                    print(
+                        f"  while rows flowed ({inf['from_s']} s -> {inf['to_s']} s): RSS {inf['rss_first_mib']} -> "
+                        f"{inf['rss_last_mib']} MiB (min {inf['rss_min_mib']}, max {inf['rss_max_mib']}; "
+                        f"{inf['growth_kib_per_1000_rows']} KiB per 1,000 rows)",
+                        flush=True,
+                    )
     except KeyboardInterrupt:
         exit_code = 130
         report["interrupted"] = True
@@ -909,14 +1005,19 @@ def rss_during_inference(run: Run, timings: dict[str, Any], rows: int) -> dict[s
     inside = [(t, rss) for t, rss, _ in run.rss_samples if t0 <= t <= t1]
     if len(inside) < 2:
         return {}
-    mib = 2 ** 20
+    mib = 2**20
     growth = inside[-1][1] - inside[0][1]
-    return {"inference": {
-        "from_s": round(t0, 1), "to_s": round(t1, 1),
-        "rss_first_mib": round(inside[0][1] / mib, 1), "rss_last_mib": round(inside[-1][1] / mib, 1),
-        "rss_min_mib": round(min(v for _, v in inside) / mib, 1), "rss_max_mib": round(max(v for _, v in inside) / mib, 1),
-        "growth_kib_per_1000_rows": round(growth / 1024 / max(rows, 1) * 1000, 2),
-    }}
+    return {
+        "inference": {
+            "from_s": round(t0, 1),
+            "to_s": round(t1, 1),
+            "rss_first_mib": round(inside[0][1] / mib, 1),
+            "rss_last_mib": round(inside[-1][1] / mib, 1),
+            "rss_min_mib": round(min(v for _, v in inside) / mib, 1),
+            "rss_max_mib": round(max(v for _, v in inside) / mib, 1),
+            "growth_kib_per_1000_rows": round(growth / 1024 / max(rows, 1) * 1000, 2),
+        }
+    }
 
 
 def _keep_skipped_sections(report: dict[str, Any], *, skipped_compare: bool, skipped_rss: bool) -> None:
@@ -932,8 +1033,10 @@ def _keep_skipped_sections(report: dict[str, Any], *, skipped_compare: bool, ski
     if skipped_compare and "results" in previous:
         keys = ["results", "ratios", "table_md", "warmup"]
         report["compare_from_run"] = previous.get("compare_from_run") or {
-            "started_at": previous.get("started_at"), "settings": previous.get("settings"),
-            "machine": previous.get("machine")}
+            "started_at": previous.get("started_at"),
+            "settings": previous.get("settings"),
+            "machine": previous.get("machine"),
+        }
     if skipped_rss and "rss" in previous:
         keys.append("rss")
         report["rss_from_run"] = previous.get("rss_from_run") or {"started_at": previous.get("started_at")}
@@ -961,17 +1064,26 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if "table_md" in report:
         if report.get("compare_from_run"):
-            parts += [f"(comparison from the run of {report['compare_from_run'].get('started_at')}, settings "
-                      f"{report['compare_from_run'].get('settings')})", ""]
+            parts += [
+                f"(comparison from the run of {report['compare_from_run'].get('started_at')}, settings "
+                f"{report['compare_from_run'].get('settings')})",
+                "",
+            ]
         parts += [report["table_md"], ""]
         rounds = []
         for key, result in (report.get("results") or {}).items():
             for i, r in enumerate(result.get("runs") or [result], 1):
                 load = (r.get("load_avg_1m_during") or {}).get("mean")
-                rounds.append(f"- {LABELS.get(key, key)}, round {i}: " + (
-                    f"wall {_fmt(r.get('wall_s'))} s, start-up {_fmt(r.get('startup_s'))} s, "
-                    f"first->last {_fmt(r.get('first_to_last_s'))} s" if r.get("ok") else f"FAILED ({r.get('error')})"
-                ) + f"; 1-min load average during it {_fmt(load)}")
+                rounds.append(
+                    f"- {LABELS.get(key, key)}, round {i}: "
+                    + (
+                        f"wall {_fmt(r.get('wall_s'))} s, start-up {_fmt(r.get('startup_s'))} s, "
+                        f"first->last {_fmt(r.get('first_to_last_s'))} s"
+                        if r.get("ok")
+                        else f"FAILED ({r.get('error')})"
+                    )
+                    + f"; 1-min load average during it {_fmt(load)}"
+                )
         if rounds:
             parts += ["Every round (the load average shows how busy the 2-core machine was):", "", *rounds, ""]
     rss = report.get("rss")

@@ -3,7 +3,7 @@
     .venv/bin/python bench/chain_bench.py [--rows 2000]
 
 Both variants run the same two tiny local models (a trained "rewriter", then a trained "answerer")
-over the same table through `rayllm_stages.chain.ChainJob`, each variant in a fresh subprocess
+over the same table through `prefect_rayllm.rayllm_stages.jobs.chain.ChainJob`, each variant in a fresh subprocess
 that connects to its own local Ray once:
     pipelined    : one ChainJob with steps [reformat, answer] (one lazy Ray Data pipeline)
     materialised : a ChainJob with [reformat] writes results.jsonl; a second ChainJob with [answer]
@@ -27,12 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYTHON = REPO / ".venv" / "bin" / "python"
 
-VARIANT = r'''
+VARIANT = r"""
 import json, sys, time
 sys.path.insert(0, REPO)
-from rayllm_stages import ray_runtime
-from rayllm_stages.chain import ChainJob
-from rayllm_stages.config import ChainJobConfig
+from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
+from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
+from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
 
 def run(config):
     job = ChainJob(ChainJobConfig.model_validate(config))
@@ -53,12 +53,12 @@ if __name__ == "__main__":
     print("BENCH_JSON " + json.dumps({"seconds": time.perf_counter() - started,
                                       "completed": manifests[-1].counts.completed,
                                       "failed": sum(m.counts.failed for m in manifests)}))
-'''
+"""
 
 
 def build_models(folder: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(REPO))
-    from rayllm_stages.tiny_models import REWRITE_TASK, build_tiny_chat_model
+    from prefect_rayllm.rayllm_stages.testing.tiny_models import REWRITE_TASK, build_tiny_chat_model
 
     rewriter, answerer = folder / "rewriter", folder / "answerer"
     if not (rewriter / "config.json").exists():
@@ -69,7 +69,7 @@ def build_models(folder: Path) -> tuple[Path, Path]:
 
 
 def write_table(path: Path, rows: int) -> None:
-    from rayllm_stages.tiny_models import TOY_TASK
+    from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK
 
     colours = [q.split()[1] for q, _ in TOY_TASK]
     path.write_text("\n".join(json.dumps({"cid": f"c{i}", "colour": colours[i % len(colours)]}) for i in range(rows)) + "\n")
@@ -88,7 +88,7 @@ def run_variant(name: str, work: Path, table: Path, steps: list[dict]) -> dict:
     (work / f"{name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed ({done.returncode}); log: {work / (name + '.log')}")
-    report = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("BENCH_JSON "))[len("BENCH_JSON "):])
+    report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("BENCH_JSON "))[len("BENCH_JSON ") :])
     return {"variant": name, "wall_s": round(wall, 2), "in_process_s": round(report["seconds"], 2), **report}
 
 
@@ -100,10 +100,20 @@ def main() -> int:
     rewriter, answerer = build_models(RESULTS / "chain-models")
     model = lambda folder: {"source": str(folder), "engine_kwargs": {"max_model_len": 256}, "batch_size": 32}  # noqa: E731
     steps = [
-        {"name": "reformat", "model": model(rewriter), "prompt": {"user": "Rewrite as a question: {{ colour }}"},
-         "sampling": {"max_tokens": 16}, "output_column": "question"},
-        {"name": "answer", "model": model(answerer), "prompt": {"user": "{{ question }}"},
-         "sampling": {"max_tokens": 8}, "output_column": "answer"},
+        {
+            "name": "reformat",
+            "model": model(rewriter),
+            "prompt": {"user": "Rewrite as a question: {{ colour }}"},
+            "sampling": {"max_tokens": 16},
+            "output_column": "question",
+        },
+        {
+            "name": "answer",
+            "model": model(answerer),
+            "prompt": {"user": "{{ question }}"},
+            "sampling": {"max_tokens": 8},
+            "output_column": "answer",
+        },
     ]
     with tempfile.TemporaryDirectory(prefix="chain-bench-") as tmp:
         work = Path(tmp)

@@ -14,7 +14,7 @@ local Ray:
     decode alone : decode_stage over the fetched Dataset (materialised beforehand), materialised
     VLM alone    : caption_stage over the decoded Dataset (materialised beforehand), rows iterated;
                    it includes the vLLM engine start, as the flow does
-    whole (core) : rayllm_stages.curation.CurationRun.run (list, fetch -> decode -> VLM in one
+    whole (core) : prefect_rayllm.rayllm_stages.curation.pipeline.CurationRun.run (list, fetch -> decode -> VLM in one
                    streaming pipeline, records committed, rules, dedup, Parquet, contact sheet)
     whole (flow) : the `curate_images` Prefect flow over the same images into a fresh output
 
@@ -46,10 +46,11 @@ sys.path.insert(0, str(REPO))
 
 # -- the S3 side, in its own process --------------------------------------------------------
 
+
 def serve_s3(latency_ms: float) -> None:
     """moto + proxy; prints the endpoints, answers `stats` lines on stdin with the proxy's counters."""
-    from rayllm_stages.local_s3 import start_local_s3
-    from rayllm_stages.s3_proxy import S3Proxy
+    from prefect_rayllm.rayllm_stages.testing.local_s3 import start_local_s3
+    from prefect_rayllm.rayllm_stages.testing.s3_proxy import S3Proxy
 
     s3 = start_local_s3()
     proxy = S3Proxy(s3.endpoint_url, latency_s=latency_ms / 1000.0).start()
@@ -67,7 +68,10 @@ class S3Side:
     def __init__(self, latency_ms: float):
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve-s3", "--latency-ms", str(latency_ms)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
         )
         endpoints = json.loads(self.process.stdout.readline())
         self.s3_url, self.proxy_url = endpoints["s3"], endpoints["proxy"]
@@ -90,6 +94,7 @@ class S3Side:
 
 
 # -- corpus and model ----------------------------------------------------------------------
+
 
 def bench_image(index: int) -> tuple[str, bytes]:
     """A 64x64 image: a random 4x4 colour grid, smoothly upscaled, with a random shape on top."""
@@ -126,7 +131,7 @@ def upload_corpus(s3: S3Side, images: int) -> str:
 def model_folder(given: str | None) -> Path:
     if given:
         return Path(given)
-    from rayllm_stages.tiny_vision import build_tiny_vision_model
+    from prefect_rayllm.rayllm_stages.testing.tiny_vision import build_tiny_vision_model
 
     folder = RESULTS / "curation-model"
     if not (folder / "config.json").exists():
@@ -135,6 +140,7 @@ def model_folder(given: str | None) -> Path:
 
 
 # -- measurements ------------------------------------------------------------------------------
+
 
 def timed(fn) -> tuple[float, Any]:
     started = time.perf_counter()
@@ -155,7 +161,7 @@ def sequential_loop(s3: S3Side, uris: list[str]) -> float:
 
 def iterate(dataset) -> tuple[int, float | None]:
     """Consume a Dataset row by row as the flow does; (rows, seconds to the first row)."""
-    from rayllm_stages.curation import stream_rows
+    from prefect_rayllm.rayllm_stages.curation.pipeline import stream_rows
 
     started, first, rows = time.perf_counter(), None, 0
     for _ in stream_rows(dataset):
@@ -198,13 +204,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> dict[str, Any]:
-    from flows.curation import curate_images
-    from rayllm_stages import ray_runtime
-    from rayllm_stages.curation import (
-        CurationConfig, CurationRun, caption_stage, decode_stage, fetch_batch_size, fetch_stage, image_dataset,
+    from prefect_rayllm.flows.curation import curate_images
+    from prefect_rayllm.rayllm_stages.curation.pipeline import (
+        CurationConfig,
+        CurationRun,
+        caption_stage,
+        decode_stage,
+        fetch_batch_size,
+        fetch_stage,
+        image_dataset,
     )
-    from rayllm_stages.image_source import iter_image_uris
-    from tasks.progress import progress_listener
+    from prefect_rayllm.rayllm_stages.curation.source import iter_image_uris
+    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
+    from prefect_rayllm.tasks.progress import progress_listener
 
     started_upload = time.perf_counter()
     images_url = upload_corpus(s3, args.images)
@@ -212,15 +224,20 @@ def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> di
     ray_runtime.connect()
 
     def config(output: str, limit: int | None = None) -> CurationConfig:
-        return CurationConfig.model_validate({
-            "source": {"url": images_url, "storage_options": s3.options(through_proxy=True), "limit": limit},
-            "output": output,
-            "model": {"source": str(model), "engine_kwargs": {"max_model_len": 512, "dtype": "float32"},
-                      "batch_size": args.batch_size},
-            "fetch": {"max_concurrency": args.fetch_concurrency},
-            "fetch_workers": args.fetch_workers,
-            "filter": {"min_width": 32, "min_height": 32},
-        })
+        return CurationConfig.model_validate(
+            {
+                "source": {"url": images_url, "storage_options": s3.options(through_proxy=True), "limit": limit},
+                "output": output,
+                "model": {
+                    "source": str(model),
+                    "engine_kwargs": {"max_model_len": 512, "dtype": "float32"},
+                    "batch_size": args.batch_size,
+                },
+                "fetch": {"max_concurrency": args.fetch_concurrency},
+                "fetch_workers": args.fetch_workers,
+                "filter": {"min_width": 32, "min_height": 32},
+            }
+        )
 
     results: dict[str, Any] = {"load_start": os.getloadavg()[0]}
     print("warm-up: 32 images through the flow (unmeasured)", flush=True)
@@ -238,7 +255,9 @@ def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> di
     def one_round(number: int) -> dict[str, Any]:
         r: dict[str, Any] = {"round": number, "load_start": os.getloadavg()[0]}
         gets_before = s3.proxy_stats()["object_gets"]
-        r["fetch_s"], fetched = timed(lambda: fetch_stage(image_dataset(pairs, batch), cfg.fetch, cfg.fetch_workers, batch).materialize())
+        r["fetch_s"], fetched = timed(
+            lambda: fetch_stage(image_dataset(pairs, batch), cfg.fetch, cfg.fetch_workers, batch).materialize()
+        )
         r["fetch_gets"] = s3.proxy_stats()["object_gets"] - gets_before
         failed = fetched.filter(lambda row: bool(row["fetch_error"])).count()
         assert failed == 0, f"{failed} fetch errors"
@@ -247,7 +266,9 @@ def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> di
         r["decode_s"], decoded = timed(lambda: decode_stage(fetched, cfg.decode, cfg.decode_workers).materialize())
         print(f"[{number}] decode alone: {r['decode_s']:.1f} s", flush=True)
 
-        r["vlm_s"], (rows, first) = timed(lambda: iterate(caption_stage(decoded, cfg.model, cfg.prompt, cfg.json_schema, cfg.sampling)))
+        r["vlm_s"], (rows, first) = timed(
+            lambda: iterate(caption_stage(decoded, cfg.model, cfg.prompt, cfg.json_schema, cfg.sampling))
+        )
         r["vlm_first_row_s"] = first
         assert rows == len(uris), rows
         print(f"[{number}] VLM alone: {r['vlm_s']:.1f} s (first row after {first:.1f} s)", flush=True)
@@ -255,7 +276,10 @@ def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> di
         first_record = FirstRecord()
         r["core_s"], core = timed(lambda: CurationRun(cfg).run(overwrite=True, on_progress=first_record.start()))
         r["core_first_records_s"] = first_record.seconds
-        print(f"[{number}] whole (rayllm_stages CurationRun): {r['core_s']:.1f} s (16 records after {first_record.seconds:.1f} s)", flush=True)
+        print(
+            f"[{number}] whole (rayllm_stages CurationRun): {r['core_s']:.1f} s (16 records after {first_record.seconds:.1f} s)",
+            flush=True,
+        )
         with progress_listener(first_record.start()):
             r["flow_s"], flow = timed(lambda: curate_images(config=config(str(work / "flow")), overwrite=True))
         r["flow_first_records_s"] = first_record.seconds
@@ -268,7 +292,16 @@ def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> di
 
     rounds = [one_round(number) for number in range(1, args.repeat + 1)]
     results["rounds"] = rounds
-    for key in ("fetch_s", "decode_s", "vlm_s", "vlm_first_row_s", "core_s", "core_first_records_s", "flow_s", "flow_first_records_s"):
+    for key in (
+        "fetch_s",
+        "decode_s",
+        "vlm_s",
+        "vlm_first_row_s",
+        "core_s",
+        "core_first_records_s",
+        "flow_s",
+        "flow_first_records_s",
+    ):
         results[key] = statistics.median(r[key] for r in rounds)
     results["manifest"] = rounds[-1]["manifest"]
     return results
@@ -285,15 +318,19 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> tuple[str, dict[str, 
         "core_over_slowest": round(r["core_s"] / slowest, 3),
         "core_over_sum": round(r["core_s"] / total, 3),
     }
-    throughput = {"fetch_stage_objects_per_s": round(n / r["fetch_s"], 1),
-                  "sequential_s3fs_objects_per_s": round(n / r["sequential_s"], 1)}
+    throughput = {
+        "fetch_stage_objects_per_s": round(n / r["fetch_s"], 1),
+        "sequential_s3fs_objects_per_s": round(n / r["sequential_s"], 1),
+    }
     throughput["fetch_speedup"] = round(throughput["fetch_stage_objects_per_s"] / throughput["sequential_s3fs_objects_per_s"], 1)
     load = os.getloadavg()[0]
     lines = [
         f"# Curation benchmark: {n} images (64x64 PNG/JPEG), tiny VLM on CPU vLLM, S3 via proxy +{args.latency_ms:g} ms per request",
         "",
-        (f"{os.cpu_count()} cores; fetch: {args.fetch_workers} workers x {args.fetch_concurrency} in flight; "
-         f"VLM batch {args.batch_size}; 1-min load average at the start {r['load_start']:.1f}, at the end {load:.1f}."),
+        (
+            f"{os.cpu_count()} cores; fetch: {args.fetch_workers} workers x {args.fetch_concurrency} in flight; "
+            f"VLM batch {args.batch_size}; 1-min load average at the start {r['load_start']:.1f}, at the end {load:.1f}."
+        ),
         "",
         f"Medians over {len(r['rounds'])} round(s); the sequential loop ran once.",
         "",
@@ -307,21 +344,37 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> tuple[str, dict[str, 
         f"| whole, Prefect flow (curate_images; first records after {r['flow_first_records_s']:.1f} s) | {r['flow_s']:.1f} | {n / r['flow_s']:.1f} |",
         f"| plain sequential s3fs loop (cat_file, one by one) | {r['sequential_s']:.1f} | {n / r['sequential_s']:.1f} |",
         "",
-        (f"whole flow / slowest stage alone ({slowest_name}) = **{ratios['flow_over_slowest']}** (target <= 1.3); "
-         f"without Prefect: {ratios['core_over_slowest']}"),
+        (
+            f"whole flow / slowest stage alone ({slowest_name}) = **{ratios['flow_over_slowest']}** (target <= 1.3); "
+            f"without Prefect: {ratios['core_over_slowest']}"
+        ),
         f"whole flow / sum of stages = **{ratios['flow_over_sum']}**; without Prefect: {ratios['core_over_sum']}",
-        (f"fetch throughput through the proxy: fetch stage {throughput['fetch_stage_objects_per_s']} objects/s vs "
-         f"sequential s3fs {throughput['sequential_s3fs_objects_per_s']} objects/s ({throughput['fetch_speedup']}x)"),
+        (
+            f"fetch throughput through the proxy: fetch stage {throughput['fetch_stage_objects_per_s']} objects/s vs "
+            f"sequential s3fs {throughput['sequential_s3fs_objects_per_s']} objects/s ({throughput['fetch_speedup']}x)"
+        ),
         "",
-        *[f"round {x['round']}: fetch {x['fetch_s']:.1f}, decode {x['decode_s']:.1f}, VLM {x['vlm_s']:.1f}, "
-          f"whole core {x['core_s']:.1f}, whole flow {x['flow_s']:.1f} s -> flow / VLM {x['flow_s'] / x['vlm_s']:.3f} "
-          f"(load {x['load_start']:.1f} -> {x['load_end']:.1f})" for x in r["rounds"]],
+        *[
+            f"round {x['round']}: fetch {x['fetch_s']:.1f}, decode {x['decode_s']:.1f}, VLM {x['vlm_s']:.1f}, "
+            f"whole core {x['core_s']:.1f}, whole flow {x['flow_s']:.1f} s -> flow / VLM {x['flow_s'] / x['vlm_s']:.3f} "
+            f"(load {x['load_start']:.1f} -> {x['load_end']:.1f})"
+            for x in r["rounds"]
+        ],
         "",
-        (f"flow outcome: {r['manifest']['curated']} curated, {r['manifest']['rejected']} rejected "
-         f"({r['manifest']['rejected_by_stage']}); fetch: {r['manifest']['fetch']}"),
+        (
+            f"flow outcome: {r['manifest']['curated']} curated, {r['manifest']['rejected']} rejected "
+            f"({r['manifest']['rejected_by_stage']}); fetch: {r['manifest']['fetch']}"
+        ),
     ]
-    data = {"args": vars(args), "results": r, "ratios": ratios, "throughput": throughput, "load_average": load,
-            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    data = {
+        "args": vars(args),
+        "results": r,
+        "ratios": ratios,
+        "throughput": throughput,
+        "load_average": load,
+        "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     return "\n".join(lines), data
 
 

@@ -35,10 +35,14 @@ def _free_port() -> int:
 
 
 def _row(label: str, samples, candidate: str | None) -> str:
-    from rayllm_stages.traffic import summarize
+    from prefect_rayllm.rayllm_stages.testing.client_load import summarize
 
     s = summarize(samples)
-    share = "-" if not candidate or not s["requests"] else f"{sum(x.version == candidate for x in samples if x.ok) / max(1, s['requests'] - s['failures']):.0%}"
+    share = (
+        "-"
+        if not candidate or not s["requests"]
+        else f"{sum(x.version == candidate for x in samples if x.ok) / max(1, s['requests'] - s['failures']):.0%}"
+    )
     p50 = "-" if s["p50_s"] is None else f"{s['p50_s'] * 1000:.0f}"
     p99 = "-" if s["p99_s"] is None else f"{s['p99_s'] * 1000:.0f}"
     return f"| {label} | {s['requests']} | {s['failures']} | {p50} | {p99} | {share} |"
@@ -46,10 +50,18 @@ def _row(label: str, samples, candidate: str | None) -> str:
 
 def _phase_rows(name: str, report, samples) -> list[str]:
     start, end = report.steps[0].started, report.steps[-1].finished
-    rows = [_row(f"**{name}** (whole rollout, {end - start:.0f} s)", [x for x in samples if start <= x.start <= end], report.version)]
+    rows = [
+        _row(f"**{name}** (whole rollout, {end - start:.0f} s)", [x for x in samples if start <= x.start <= end], report.version)
+    ]
     for step in report.steps:
         inside = [x for x in samples if x.start >= step.started and x.end <= step.finished]
-        rows.append(_row(f"{name}: {step.step} ({step.finished - step.started:.0f} s, {'passed' if step.passed else 'FAILED'})", inside, report.version))
+        rows.append(
+            _row(
+                f"{name}: {step.step} ({step.finished - step.started:.0f} s, {'passed' if step.passed else 'FAILED'})",
+                inside,
+                report.version,
+            )
+        )
     return rows
 
 
@@ -63,39 +75,56 @@ def main() -> None:
 
     from ray import serve
 
-    from flows.rollout import rollout_endpoint
-    from rayllm_stages import endpoints, ray_runtime
-    from rayllm_stages.rollout_config import RolloutConfig
-    from rayllm_stages.tiny_models import TOY_TASK, build_tiny_chat_model
-    from rayllm_stages.traffic import ClientLoad
-    from tasks.endpoints import RolloutRolledBack
+    from prefect_rayllm.flows.rollout import rollout_endpoint
+    from prefect_rayllm.rayllm_stages.rollout import endpoints
+    from prefect_rayllm.rayllm_stages.rollout.config import RolloutConfig
+    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
+    from prefect_rayllm.rayllm_stages.testing.client_load import ClientLoad
+    from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK, build_tiny_chat_model
+    from prefect_rayllm.tasks.endpoints import RolloutRolledBack
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rollout-bench-"))
     good = build_tiny_chat_model(work / "tiny-good", trained=True)
     bad = build_tiny_chat_model(work / "tiny-bad", trained=False)
     good_v2 = shutil.copytree(good, work / "tiny-good-v2", dirs_exist_ok=True)
     dataset = work / "eval.jsonl"
-    dataset.write_text("".join(json.dumps({"qid": f"q{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(TOY_TASK)))
+    dataset.write_text(
+        "".join(json.dumps({"qid": f"q{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(TOY_TASK))
+    )
     ray_runtime.connect()
     port = _free_port()
 
     def config(source: Path, **extra) -> RolloutConfig:
-        return RolloutConfig.model_validate({
-            "endpoint": "bench", "model_id": "colours",
-            "candidate": {"source": str(source), "engine_kwargs": {"max_model_len": 256}},
-            "http": {"port": port}, "smoke": [{"prompt": PROMPT}], "timeouts": {"deploy_s": 900},
-            "canary": [{"percent": p, "hold_s": args.hold, "probe_requests": 2} for p in (10, 50, 100)],
-            **extra,
-        })
+        return RolloutConfig.model_validate(
+            {
+                "endpoint": "bench",
+                "model_id": "colours",
+                "candidate": {"source": str(source), "engine_kwargs": {"max_model_len": 256}},
+                "http": {"port": port},
+                "smoke": [{"prompt": PROMPT}],
+                "timeouts": {"deploy_s": 900},
+                "canary": [{"percent": p, "hold_s": args.hold, "probe_requests": 2} for p in (10, 50, 100)],
+                **extra,
+            }
+        )
 
     t0 = time.time()
     first = rollout_endpoint(config=config(good))
     print(f"first version {first.version} serving after {time.time() - t0:.0f} s", flush=True)
     gate = {
-        "name": "bench-rollout", "output": str(work / "evals"),
-        "dataset": {"path": str(dataset), "id_field": "qid", "input_field": "question", "reference_field": "answer", "tags_field": None},
-        "prompt": {"user": "{{ question }}"}, "sampling": {"max_tokens": 8},
-        "metrics": [{"type": "exact_match"}], "gate": {"min": {"exact_match": 0.8}},
+        "name": "bench-rollout",
+        "output": str(work / "evals"),
+        "dataset": {
+            "path": str(dataset),
+            "id_field": "qid",
+            "input_field": "question",
+            "reference_field": "answer",
+            "tags_field": None,
+        },
+        "prompt": {"user": "{{ question }}"},
+        "sampling": {"max_tokens": 8},
+        "metrics": [{"type": "exact_match"}],
+        "gate": {"min": {"exact_match": 0.8}},
     }
     load = ClientLoad(config(good).stable_url, "colours", PROMPT, concurrency=args.concurrency, max_tokens=4)
     load.start()

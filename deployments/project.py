@@ -68,12 +68,19 @@ def deployment_specs(prefect_file: str | Path = PREFECT_FILE, names: list[str] |
     """
     specs = []
     for entry in load_project(prefect_file).get("deployments") or []:
-        specs.append(DeploymentSpec(
-            name=entry["name"], entrypoint=entry["entrypoint"], parameters=entry.get("parameters") or {},
-            tags=list(entry.get("tags") or []), description=entry.get("description"),
-            schedules=list(entry.get("schedules") or []), concurrency_limit=entry.get("concurrency_limit"),
-            triggers=list(entry.get("triggers") or []), work_pool=entry.get("work_pool") or {},
-        ))
+        specs.append(
+            DeploymentSpec(
+                name=entry["name"],
+                entrypoint=entry["entrypoint"],
+                parameters=entry.get("parameters") or {},
+                tags=list(entry.get("tags") or []),
+                description=entry.get("description"),
+                schedules=list(entry.get("schedules") or []),
+                concurrency_limit=entry.get("concurrency_limit"),
+                triggers=list(entry.get("triggers") or []),
+                work_pool=entry.get("work_pool") or {},
+            )
+        )
     if names:
         known = {spec.name for spec in specs}
         unknown = [n for n in names if n.split("/")[-1] not in known]
@@ -106,8 +113,9 @@ def ensure_process_work_pool(name: str) -> bool:
     return True
 
 
-def prefect_deploy_command(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None,
-                           pool: str | None = None) -> list[str]:
+def prefect_deploy_command(
+    prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, pool: str | None = None
+) -> list[str]:
     """The `prefect deploy` command line `rayllm deploy` runs."""
     command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(Path(prefect_file).resolve())]
     if names:
@@ -120,8 +128,12 @@ def prefect_deploy_command(prefect_file: str | Path = PREFECT_FILE, names: list[
     return command
 
 
-def deploy(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, pool: str | None = None,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def deploy(
+    prefect_file: str | Path = PREFECT_FILE,
+    names: list[str] | None = None,
+    pool: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Register the deployments against the configured Prefect API (PREFECT_API_URL).
 
     Creates the process work pool(s) first when missing, then runs `prefect --no-prompt deploy
@@ -141,8 +153,11 @@ def deploy(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = No
     for name in [pool] if pool else work_pool_names(specs):
         ensure_process_work_pool(name)
     outcome = subprocess.run(
-        prefect_deploy_command(prefect_file, names, pool), cwd=PROJECT_ROOT, env={**os.environ, **(env or {})},
-        capture_output=True, text=True,
+        prefect_deploy_command(prefect_file, names, pool),
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
     )
     if outcome.returncode != 0:
         raise RuntimeError(f"prefect deploy failed (exit {outcome.returncode}):\n{outcome.stdout}\n{outcome.stderr}")

@@ -1,8 +1,8 @@
 """Serve every deployment of prefect.yaml from this process with `prefect.serve`: no work
 pool, no worker. Schedules, triggers, parameters, tags and concurrency limits come from prefect.yaml.
 
-    python -m deployments.serve                 # or: rayllm serve
-    python -m deployments.serve batch nightly   # only these deployments
+    python -m prefect_rayllm.deployments.serve                 # or: rayllm serve
+    python -m prefect_rayllm.deployments.serve batch nightly   # only these deployments
 
 With no PREFECT_API_URL set, a local `prefect server start` is started first (UI at
 http://127.0.0.1:4200, SQLite under PREFECT_HOME) and stopped on exit: Prefect's ephemeral server
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deployments.project import PREFECT_FILE, RETRY_ENV, DeploymentSpec, deployment_specs
-from deployments.served import PREFECT_FILE_ENV
-from deployments.server import LocalPrefectServer, api_healthy
+from prefect_rayllm.deployments.project import PREFECT_FILE, RETRY_ENV, DeploymentSpec, deployment_specs
+from prefect_rayllm.deployments.served import PREFECT_FILE_ENV
+from prefect_rayllm.deployments.server import LocalPrefectServer, api_healthy
 
 DEFAULT_PORT = 4200
 
@@ -33,7 +33,7 @@ def runner_deployments(prefect_file: str | Path = PREFECT_FILE, names: list[str]
 def to_runner_deployment(spec: DeploymentSpec):
     """One prefect.yaml entry as a RunnerDeployment served from this process.
 
-    Its entrypoint is `deployments.served.<name>`: each run imports the flow afresh in a
+    Its entrypoint is `prefect_rayllm.deployments.served.<name>`: each run imports the flow afresh in a
     subprocess, configured as on a worker (flow retries included). There are no pull steps: the
     code is the one installed here.
     """
@@ -55,7 +55,7 @@ def to_runner_deployment(spec: DeploymentSpec):
         enforce_parameter_schema=True,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
-    deployment.entrypoint = f"deployments.served.{spec.name}"  # a module path: no storage to pull
+    deployment.entrypoint = f"prefect_rayllm.deployments.served.{spec.name}"  # a module path: no storage to pull
     return deployment
 
 
@@ -70,8 +70,9 @@ def _schedule(item: dict[str, Any]):
     return RRule(item["rrule"], **options)
 
 
-def serve(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, limit: int | None = None,
-          port: int = DEFAULT_PORT) -> None:
+def serve(
+    prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, limit: int | None = None, port: int = DEFAULT_PORT
+) -> None:
     """Serve the deployments until interrupted, starting a local Prefect server when none is configured."""
     from prefect.settings import PREFECT_API_URL
 
@@ -86,8 +87,11 @@ def serve(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = Non
         local_url = f"http://127.0.0.1:{port}/api"
         if not api_healthy(local_url):
             server = LocalPrefectServer(port=port, ui=True)
-            print(f"starting a local Prefect server at {server.ui_url} (PREFECT_HOME: "
-                  f"{os.environ.get('PREFECT_HOME', '~/.prefect')}) …", file=sys.stderr)
+            print(
+                f"starting a local Prefect server at {server.ui_url} (PREFECT_HOME: "
+                f"{os.environ.get('PREFECT_HOME', '~/.prefect')}) …",
+                file=sys.stderr,
+            )
             server.start()
             # A SIGTERM stops serving the way Ctrl-C does, so that the server below stops too.
             signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -111,7 +115,7 @@ def _run(specs: list[DeploymentSpec], limit: int | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m deployments.serve")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m prefect_rayllm.deployments.serve")
     parser.add_argument("names", nargs="*", help="deployments to serve (default: all)")
     parser.add_argument("--prefect-file", default=str(PREFECT_FILE))
     parser.add_argument("--limit", type=int, default=None, help="at most this many runs at once")

@@ -1,4 +1,4 @@
-"""Entrypoints of the deployments `rayllm serve` registers: `deployments.served.<deployment name>`.
+"""Entrypoints of the deployments `rayllm serve` registers: `prefect_rayllm.deployments.served.<deployment name>`.
 
 Each run of a served deployment imports its flow afresh in a subprocess; this module gives it the
 flow of that prefect.yaml entry as a worker would run it (flow retries included). The file is the
@@ -14,7 +14,7 @@ PREFECT_FILE_ENV = "RAYLLM_PREFECT_FILE"
 
 def served_flow(name: str):
     """The configured flow of the deployment `name`."""
-    from deployments.project import PREFECT_FILE, deployment_specs
+    from prefect_rayllm.deployments.project import PREFECT_FILE, deployment_specs
 
     (spec,) = deployment_specs(os.environ.get(PREFECT_FILE_ENV) or PREFECT_FILE, [name])
     return spec.configured_flow()

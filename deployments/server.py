@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,8 +42,15 @@ class LocalPrefectServer:
         ```
     """
 
-    def __init__(self, home: str | Path | None = None, port: int | None = None, host: str = "127.0.0.1",
-                 ui: bool = True, env: dict[str, str] | None = None, log_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        home: str | Path | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        ui: bool = True,
+        env: dict[str, str] | None = None,
+        log_path: str | Path | None = None,
+    ) -> None:
         self.home = Path(home) if home else None
         self.host = host
         self.port = port or free_port(host)
@@ -50,7 +58,7 @@ class LocalPrefectServer:
         self.extra_env = dict(env or {})
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
-        self._log = None
+        self._log: Any = None
 
     @property
     def api_url(self) -> str:
@@ -67,14 +75,28 @@ class LocalPrefectServer:
             RuntimeError: the server exited or did not answer in time (the log's path is named).
         """
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **self.extra_env}
-        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-                     "PREFECT_API_DATABASE_CONNECTION_URL"):
+        for name in (
+            "PREFECT_API_URL",
+            "PREFECT_API_KEY",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+            "PREFECT_API_DATABASE_CONNECTION_URL",
+        ):
             env.pop(name, None)
         if self.home:
             self.home.mkdir(parents=True, exist_ok=True)
             env["PREFECT_HOME"] = str(self.home)
-        command = [sys.executable, "-m", "prefect", "server", "start", "--host", self.host, "--port", str(self.port),
-                   "--ui" if self.ui else "--no-ui"]
+        command = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--ui" if self.ui else "--no-ui",
+        ]
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s

@@ -46,8 +46,11 @@ def pull_code(
             "RAYLLM_GIT_REPOSITORY (a git URL) in the worker's environment or the work pool's job variables"
         )
     cloned = git_clone(
-        repository=repository, branch=branch or None, commit_sha=commit_sha or None,
-        access_token=access_token or None, credentials=credentials,
+        repository=repository,
+        branch=branch or None,
+        commit_sha=commit_sha or None,
+        access_token=access_token or None,
+        credentials=credentials,
     )
-    set_working_directory(cloned["directory"])
-    return cloned
+    set_working_directory(cloned["directory"])  # type: ignore[index]
+    return cloned  # type: ignore[return-value]

@@ -1,1 +1,1 @@
-"""Prefect flows, one module per job; `flows.cli` is the `rayllm` command."""
+"""Prefect flows, one module per job; `prefect_rayllm.flows.cli` is the `rayllm` command."""

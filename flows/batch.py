@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from rayllm_stages.config import BatchJobConfig
-from rayllm_stages.manifest import Manifest
-from tasks.batch import finalize_batch, prepare_batch, run_batch
-from tasks.reporting import ErrorRateExceeded, publish_batch_report
-
-from .jobs import run_job
+from prefect_rayllm.flows.jobs import run_job
+from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
+from prefect_rayllm.tasks.batch import finalize_batch, prepare_batch, run_batch
+from prefect_rayllm.tasks.reporting import ErrorRateExceeded, publish_batch_report
 
 __all__ = ["ErrorRateExceeded", "batch_inference"]
 
@@ -27,6 +26,11 @@ def batch_inference(config: BatchJobConfig, overwrite: bool = False) -> Manifest
         `config.max_error_rate`.
     """
     return run_job(
-        "batch", config, overwrite,
-        prepare=prepare_batch, run=run_batch, finalize=finalize_batch, publish=publish_batch_report,
+        "batch",
+        config,
+        overwrite,
+        prepare=prepare_batch,
+        run=run_batch,
+        finalize=finalize_batch,
+        publish=publish_batch_report,
     )

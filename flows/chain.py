@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from rayllm_stages.config import ChainJobConfig
-from rayllm_stages.manifest import Manifest
-from tasks.chain import finalize_chain, prepare_chain, run_chain_steps
-from tasks.reporting import publish_chain_report
-
-from .jobs import run_job
+from prefect_rayllm.flows.jobs import run_job
+from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
+from prefect_rayllm.tasks.chain import finalize_chain, prepare_chain, run_chain_steps
+from prefect_rayllm.tasks.reporting import publish_chain_report
 
 
 @flow(name="run-chain", validate_parameters=True)
@@ -25,6 +24,11 @@ def run_chain(config: ChainJobConfig, overwrite: bool = False) -> Manifest:
         error rate passes `config.max_error_rate`.
     """
     return run_job(
-        "chain", config, overwrite,
-        prepare=prepare_chain, run=run_chain_steps, finalize=finalize_chain, publish=publish_chain_report,
+        "chain",
+        config,
+        overwrite,
+        prepare=prepare_chain,
+        run=run_chain_steps,
+        finalize=finalize_chain,
+        publish=publish_chain_report,
     )

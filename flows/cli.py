@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rayllm_stages.config import BatchJobConfig, ChainJobConfig, ConfigError, load_config
+from prefect_rayllm.rayllm_stages.config.base import ConfigError, load_config
+from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig, ChainJobConfig
 
 app = typer.Typer(
     name="rayllm",
@@ -19,6 +19,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"prefect-rayllm {version('prefect-rayllm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Prefect flows over Ray Data LLM and Ray Serve LLM: batch inference, curation, chains, evaluation, rollout."""
 
 
 def _quiet_ray_logs() -> None:
@@ -43,7 +58,7 @@ def start_runtimes(ray_address: str | None) -> None:
 
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
 
-    from rayllm_stages import ray_runtime
+    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
 
     background = [threading.Thread(target=_import_engine_stack, name="import-engine-stack", daemon=True)]
     if not PREFECT_API_URL.value() and PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
@@ -70,19 +85,23 @@ def _import_engine_stack() -> None:
 
 def run_batch_with_progress(config: BatchJobConfig, overwrite: bool, show_progress: bool = True):
     """Run the batch flow in this process with a progress bar on stderr; returns the manifest."""
-    from flows.batch import batch_inference
+    from prefect_rayllm.flows.batch import batch_inference
 
     return run_with_progress(batch_inference, "batch", config, overwrite, show_progress)
 
 
 def run_with_progress(flow_fn, label: str, config, overwrite: bool, show_progress: bool = True):
     """Run a job flow in this process with a progress bar on stderr; returns the manifest."""
-    from tasks.progress import progress_listener
+    from prefect_rayllm.tasks.progress import progress_listener
 
     start_runtimes(config.ray_address)
     columns = (
-        TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
         task_id = bar.add_task("rows", total=None)
@@ -98,9 +117,9 @@ def run_with_progress(flow_fn, label: str, config, overwrite: bool, show_progres
 def batch(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job config (YAML)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds a run with other settings."),
-    input: Optional[str] = typer.Option(None, "--input", help="Override the config's input URL."),
-    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    input: str | None = typer.Option(None, "--input", help="Override the config's input URL."),
+    output: str | None = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run batch inference on an OpenAI Batch JSONL file or a JSONL/Parquet table.
@@ -108,7 +127,7 @@ def batch(
     Writes results.jsonl, errors.jsonl and manifest.json to the output location; a rerun on the
     same output resumes. Exit code 2: bad config or input; 1: the run failed.
     """
-    from flows.batch import batch_inference
+    from prefect_rayllm.flows.batch import batch_inference
 
     _run_job_command(batch_inference, "batch", BatchJobConfig, config_file, overwrite, input, output, ray_address, progress)
 
@@ -117,9 +136,9 @@ def batch(
 def chain(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Chain config (YAML)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds a run with other settings."),
-    input: Optional[str] = typer.Option(None, "--input", help="Override the config's input URL."),
-    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    input: str | None = typer.Option(None, "--input", help="Override the config's input URL."),
+    output: str | None = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run a multi-model chain over a JSONL/Parquet table: each step has its own model and prompt,
@@ -129,7 +148,7 @@ def chain(
     and manifest.json; a rerun on the same output resumes, per step. Exit code 2: bad config or
     input; 1: the run failed.
     """
-    from flows.chain import run_chain
+    from prefect_rayllm.flows.chain import run_chain
 
     _run_job_command(run_chain, "chain", ChainJobConfig, config_file, overwrite, input, output, ray_address, progress)
 
@@ -158,9 +177,11 @@ def _run_job_command(flow_fn, label, model, config_file, overwrite, input, outpu
 @app.command()
 def evaluate(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Evaluation config (YAML)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds answers made with other settings."),
-    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start over when the output holds answers made with other settings."
+    ),
+    output: str | None = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Evaluate one or more models or endpoints on a dataset: metrics with bootstrap intervals,
@@ -169,8 +190,8 @@ def evaluate(
     Writes scores.jsonl, metrics.json, report.md and plots/ to the output location. Exit code 0:
     the gate passed; 1: the gate (or the run) failed; 2: bad config or dataset.
     """
-    from flows.evaluation import evaluate as evaluate_flow
-    from rayllm_stages.eval_config import EvaluationConfig
+    from prefect_rayllm.flows.evaluation import evaluate as evaluate_flow
+    from prefect_rayllm.rayllm_stages.evaluation.config import EvaluationConfig
 
     overrides = {k: v for k, v in {"output": output, "ray_address": ray_address}.items() if v}
     config = _load(EvaluationConfig, config_file, overrides)
@@ -195,8 +216,8 @@ def _print_verdicts(output: str, storage_options: dict) -> None:
     """The per-target summary and gate of the run's metrics.json, if it got that far."""
     from rich.table import Table
 
-    from rayllm_stages.evaluation import EvaluationResult
-    from rayllm_stages.storage import Location
+    from prefect_rayllm.rayllm_stages.evaluation.run import EvaluationResult
+    from prefect_rayllm.rayllm_stages.io.storage import Location
 
     metrics = Location(output, storage_options).child("metrics.json")
     if not metrics.exists():
@@ -218,18 +239,20 @@ def _print_verdicts(output: str, storage_options: dict) -> None:
 @app.command()
 def curate(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Curation config (YAML)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Override the config's output URL."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    output: str | None = typer.Option(None, "--output", help="Override the config's output URL."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over when the output holds a run with other images or settings."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start over when the output holds a run with other images or settings."
+    ),
 ) -> None:
     """Curate images from an S3 prefix or a manifest: fetch, decode, VLM caption and scores, rules, dedup.
 
     Writes curated.parquet, rejected.parquet (uri, stage, reason), contact_sheet.png and
     manifest.json. A rerun on the same output resumes. Exit code 2: bad config; 1: the run failed.
     """
-    from flows.curation import curate_images
-    from rayllm_stages.curation import CurationConfig
+    from prefect_rayllm.flows.curation import curate_images
+    from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
 
     overrides = {k: v for k, v in {"output": output, "ray_address": ray_address}.items() if v}
     config = _load(CurationConfig, config_file, overrides)
@@ -252,10 +275,12 @@ def make_image_corpus(
     folder: str = typer.Argument(..., help="Folder (any fsspec URL) to write images/ and manifest.jsonl into."),
 ) -> None:
     """Write a small image corpus (good, broken and duplicate images) to try `rayllm curate` on."""
-    from rayllm_stages.image_corpus import build_corpus
+    from prefect_rayllm.rayllm_stages.testing.image_corpus import build_corpus
 
     corpus = build_corpus(folder)
-    typer.echo(f"{len(corpus.expected) - 1} images in {corpus.images_url}; manifest (with one missing key): {corpus.manifest_url}")
+    typer.echo(
+        f"{len(corpus.expected) - 1} images in {corpus.images_url}; manifest (with one missing key): {corpus.manifest_url}"
+    )
 
 
 @app.command()
@@ -263,7 +288,7 @@ def validate(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job config (YAML)."),
 ) -> None:
     """Check a batch config and its input (keys, template fields, sampling) without starting an engine."""
-    from rayllm_stages.batch_input import check_input, count_rows
+    from prefect_rayllm.rayllm_stages.io.batch_input import check_input, count_rows
 
     config = _load(BatchJobConfig, config_file)
     try:
@@ -280,18 +305,22 @@ def make_tiny_model(
     directory: Path = typer.Argument(..., help="Folder to write the model into."),
     trained: bool = typer.Option(False, "--trained/--untrained", help="Fit it to the toy colour task first (seconds)."),
     seed: int = typer.Option(0, help="Seed for weights and training."),
-    task: str = typer.Option("colours", help="--trained: 'colours' answers colour questions; 'rewrite' turns a colour into that question."),
-    vision: bool = typer.Option(False, "--vision", help="A tiny vision-language model (Idefics3, random weights) for image curation."),
+    task: str = typer.Option(
+        "colours", help="--trained: 'colours' answers colour questions; 'rewrite' turns a colour into that question."
+    ),
+    vision: bool = typer.Option(
+        False, "--vision", help="A tiny vision-language model (Idefics3, random weights) for image curation."
+    ),
 ) -> None:
     """Write a tiny chat model (tokenizer + 2-layer Llama, ~2 MB) that vLLM loads by path.
 
     --trained answers the toy task ("Is red warm or cool?" -> "warm") exactly with greedy decoding;
     the untrained twin answers gibberish. Needs the cpu or gpu extra (torch, transformers).
     """
-    from rayllm_stages.tiny_models import REWRITE_TASK, TOY_TASK, build_tiny_chat_model
+    from prefect_rayllm.rayllm_stages.testing.tiny_models import REWRITE_TASK, TOY_TASK, build_tiny_chat_model
 
     if vision:
-        from rayllm_stages.tiny_vision import build_tiny_vision_model
+        from prefect_rayllm.rayllm_stages.testing.tiny_vision import build_tiny_vision_model
 
         typer.echo(str(build_tiny_vision_model(directory, seed=seed)))
         return
@@ -309,7 +338,7 @@ def demo(
     rows: int = typer.Option(200, min=1, help="Requests in the sample batch file."),
 ) -> None:
     """Everything local: an S3 server on loopback, a tiny model, a sample batch file, the flow, the report."""
-    from flows.demo import run_demo
+    from prefect_rayllm.flows.demo import run_demo
 
     _quiet_ray_logs()
     run_demo(workdir, rows=rows, console=console)
@@ -322,7 +351,7 @@ app.add_typer(endpoint_app, name="endpoint")
 @app.command()
 def rollout(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Rollout config (YAML)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="'auto' or ray://host:10001; default local Ray."),
     keep_serving: bool = typer.Option(
         True, "--keep-serving/--exit", help="Local Ray only: keep this process (and the endpoint) up until Ctrl-C."
     ),
@@ -334,8 +363,8 @@ def rollout(
     A local Ray lives as long as this process: use `ray start --head` and `--ray-address auto`
     for an endpoint that outlives the command.
     """
-    from flows.rollout import rollout_endpoint
-    from rayllm_stages.rollout_config import RolloutConfig
+    from prefect_rayllm.flows.rollout import rollout_endpoint
+    from prefect_rayllm.rayllm_stages.rollout.config import RolloutConfig
 
     config = _load(RolloutConfig, config_file, {"ray_address": ray_address} if ray_address else None)
     _quiet_ray_logs()
@@ -379,7 +408,7 @@ def endpoint_status(
     ray_address: str = typer.Option("auto", "--ray-address", help="The cluster serving it."),
 ) -> None:
     """The endpoint's router, primary version, traffic weights and version applications."""
-    from rayllm_stages.endpoints import endpoint_status as read_status
+    from prefect_rayllm.rayllm_stages.rollout.endpoints import endpoint_status as read_status
 
     _connect_quietly(ray_address)
     status = read_status(name)
@@ -395,7 +424,7 @@ def endpoint_teardown(
     ray_address: str = typer.Option("auto", "--ray-address", help="The cluster serving it."),
 ) -> None:
     """Delete the endpoint's router and every version application."""
-    from rayllm_stages.endpoints import teardown
+    from prefect_rayllm.rayllm_stages.rollout.endpoints import teardown
 
     _connect_quietly(ray_address)
     deleted = teardown(name)
@@ -407,13 +436,15 @@ def endpoint_scale(
     config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="The rollout config that deployed the version."),
     min_replicas: int = typer.Option(..., "--min", min=0, help="Fewest engine replicas."),
     max_replicas: int = typer.Option(..., "--max", min=1, help="Most engine replicas."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The cluster serving it; default the config's, else 'auto'."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="The cluster serving it; default the config's, else 'auto'."
+    ),
 ) -> None:
     """Change the autoscaling bounds of the running version a rollout config deployed, in place:
     its replicas keep serving, nothing reloads. Exit 1 when that version is not running."""
-    from rayllm_stages.endpoints import scale_version
-    from rayllm_stages.engines import cluster_has_gpu
-    from rayllm_stages.rollout_config import RolloutConfig
+    from prefect_rayllm.rayllm_stages.llm.engines import cluster_has_gpu
+    from prefect_rayllm.rayllm_stages.rollout.config import RolloutConfig
+    from prefect_rayllm.rayllm_stages.rollout.endpoints import scale_version
 
     config = _load(RolloutConfig, config_file)
     _connect_quietly(ray_address or config.ray_address or "auto")
@@ -427,11 +458,11 @@ def endpoint_scale(
 
 @app.command()
 def deploy(
-    prefect_file: Optional[Path] = typer.Option(
+    prefect_file: Path | None = typer.Option(
         None, "--prefect-file", exists=True, dir_okay=False, help="Default: deployments/prefect.yaml of this package."
     ),
-    name: Optional[list[str]] = typer.Option(None, "--name", "-n", help="Only this deployment (repeatable); default: all."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Work pool for every deployment (default: the file's)."),
+    name: list[str] | None = typer.Option(None, "--name", "-n", help="Only this deployment (repeatable); default: all."),
+    pool: str | None = typer.Option(None, "--pool", help="Work pool for every deployment (default: the file's)."),
 ) -> None:
     """Register the deployments (batch, nightly curation, weekly evaluation, rollout and its
     automation) against the configured Prefect API (PREFECT_API_URL: a server or Prefect Cloud).
@@ -440,7 +471,8 @@ def deploy(
     --prefect-file deployments/prefect.yaml`. Start a worker next: `RAYLLM_CHECKOUT=$PWD prefect
     worker start --pool rayllm`. Exit code 2: no Prefect API configured or a bad file; 1: deploy failed.
     """
-    from deployments.project import PREFECT_FILE, deploy as deploy_all
+    from prefect_rayllm.deployments.project import PREFECT_FILE
+    from prefect_rayllm.deployments.project import deploy as deploy_all
 
     try:
         outcome = deploy_all(prefect_file or PREFECT_FILE, names=name or None, pool=pool)
@@ -455,11 +487,11 @@ def deploy(
 
 @app.command()
 def serve(
-    names: Optional[list[str]] = typer.Argument(None, help="Deployments to serve (default: all)."),
-    prefect_file: Optional[Path] = typer.Option(
+    names: list[str] | None = typer.Argument(None, help="Deployments to serve (default: all)."),
+    prefect_file: Path | None = typer.Option(
         None, "--prefect-file", exists=True, dir_okay=False, help="Default: deployments/prefect.yaml of this package."
     ),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many flow runs at once."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many flow runs at once."),
     port: int = typer.Option(4200, "--port", help="Port of the local Prefect server, when one is started."),
 ) -> None:
     """Run the deployments from this process with their schedules and triggers (`prefect.serve`):
@@ -467,8 +499,8 @@ def serve(
     http://127.0.0.1:4200) is started first, since Prefect's ephemeral server runs no scheduler.
     Ctrl-C stops serving (and pauses the schedules).
     """
-    from deployments.project import PREFECT_FILE
-    from deployments.serve import serve as serve_all
+    from prefect_rayllm.deployments.project import PREFECT_FILE
+    from prefect_rayllm.deployments.serve import serve as serve_all
 
     try:
         serve_all(prefect_file or PREFECT_FILE, names or None, limit=limit, port=port)
@@ -479,7 +511,7 @@ def serve(
 
 def _connect_quietly(ray_address: str) -> None:
     """Operator commands: join the cluster without its workers' logs on this console."""
-    from rayllm_stages import ray_runtime
+    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
 
     os.environ.setdefault("RAYLLM_RAY_LOGS", "0")
     ray_runtime.connect(ray_address)

@@ -6,10 +6,10 @@ from typing import Any
 
 from prefect import flow
 
-from rayllm_stages.curation import CurationConfig
-from tasks.curation import finalize_curation, prepare_curation, publish_curation_report, run_curation
-from tasks.reporting import job_failed_hook
-from tasks.runtime import connect_ray
+from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
+from prefect_rayllm.tasks.curation import finalize_curation, prepare_curation, publish_curation_report, run_curation
+from prefect_rayllm.tasks.reporting import job_failed_hook
+from prefect_rayllm.tasks.runtime import connect_ray
 
 
 @flow(name="curate-images", validate_parameters=True, on_failure=[job_failed_hook("curation")])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rayllm_stages.config import BatchJobConfig
-from rayllm_stages.local_s3 import start_local_s3
-from rayllm_stages.tiny_models import TOY_TASK, build_tiny_chat_model
+from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
+from prefect_rayllm.rayllm_stages.testing.local_s3 import start_local_s3
+from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK, build_tiny_chat_model
 
 BUCKET = "rayllm-demo"
 
@@ -21,20 +21,32 @@ def sample_batch_lines(rows: int, seed: int = 0) -> list[str]:
     lines = []
     for number in range(rows):
         question, _ = rng.choice(TOY_TASK)
-        lines.append(json.dumps({
-            "custom_id": f"request-{number}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": question}], "max_tokens": 8},
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "custom_id": f"request-{number}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": question}], "max_tokens": 8},
+                }
+            )
+        )
     lines.append('{"custom_id": "broken", "method": "POST", "url": "/v1/chat/completions", "body": ')
-    lines.append(json.dumps({"custom_id": "request-0", "method": "POST", "url": "/v1/chat/completions",
-                             "body": {"messages": [{"role": "user", "content": "duplicate id"}]}}))
+    lines.append(
+        json.dumps(
+            {
+                "custom_id": "request-0",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": "duplicate id"}]},
+            }
+        )
+    )
     return lines
 
 
 def run_demo(workdir: Path, rows: int, console: Console) -> None:
-    from flows.cli import run_batch_with_progress
+    from prefect_rayllm.flows.cli import run_batch_with_progress
 
     workdir = workdir.resolve()
     model_dir = workdir / "models" / "tiny-chat"
@@ -73,22 +85,28 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
     finally:
         s3.stop()
     summary = evaluation.summaries["tiny-chat"].metrics["exact_match"]
-    console.print(f"\n[bold]evaluation: gate {'passed' if evaluation.passed else 'FAILED'}[/]; exact match "
-                  f"{summary.mean:.2f} (95% interval {summary.ci_low:.2f}-{summary.ci_high:.2f}); "
-                  f"report copied to {local_copy.parent / 'eval-1' / 'report.md'}")
-    console.print(f"[bold]image curation:[/] {curation['curated']} of {curation['input']} images kept; rejected by stage: "
-                  f"{curation['rejected_by_stage']}; datasets copied to {workdir / 'curation-1'}")
-    console.print("the flow runs' reports and summaries are artifacts in the Prefect UI (run `prefect server start` "
-                  "first and set PREFECT_API_URL to keep them after the demo)")
+    console.print(
+        f"\n[bold]evaluation: gate {'passed' if evaluation.passed else 'FAILED'}[/]; exact match "
+        f"{summary.mean:.2f} (95% interval {summary.ci_low:.2f}-{summary.ci_high:.2f}); "
+        f"report copied to {local_copy.parent / 'eval-1' / 'report.md'}"
+    )
+    console.print(
+        f"[bold]image curation:[/] {curation['curated']} of {curation['input']} images kept; rejected by stage: "
+        f"{curation['rejected_by_stage']}; datasets copied to {workdir / 'curation-1'}"
+    )
+    console.print(
+        "the flow runs' reports and summaries are artifacts in the Prefect UI (run `prefect server start` "
+        "first and set PREFECT_API_URL to keep them after the demo)"
+    )
 
 
 def _run_curation(s3, workdir: Path) -> dict:
     """A small image corpus (good, broken and duplicate images) curated with a tiny VLM."""
-    from flows.cli import run_with_progress
-    from flows.curation import curate_images
-    from rayllm_stages.curation import CurationConfig
-    from rayllm_stages.image_corpus import build_corpus
-    from rayllm_stages.tiny_vision import build_tiny_vision_model
+    from prefect_rayllm.flows.cli import run_with_progress
+    from prefect_rayllm.flows.curation import curate_images
+    from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
+    from prefect_rayllm.rayllm_stages.testing.image_corpus import build_corpus
+    from prefect_rayllm.rayllm_stages.testing.tiny_vision import build_tiny_vision_model
 
     vlm_dir = workdir / "models" / "tiny-vlm"
     if not (vlm_dir / "config.json").exists():
@@ -106,9 +124,9 @@ def _run_curation(s3, workdir: Path) -> dict:
 
 def _run_evaluation(s3, model_dir: Path):
     """The same model on the toy task's evaluation set, with a gate it should pass."""
-    from flows.cli import run_with_progress
-    from flows.evaluation import evaluate
-    from rayllm_stages.eval_config import EvaluationConfig
+    from prefect_rayllm.flows.cli import run_with_progress
+    from prefect_rayllm.flows.evaluation import evaluate
+    from prefect_rayllm.rayllm_stages.evaluation.config import EvaluationConfig
 
     fs = s3.filesystem()
     with fs.open(f"{BUCKET}/eval.jsonl", "w") as handle:
@@ -130,8 +148,10 @@ def _run_evaluation(s3, model_dir: Path):
 
 def _print_summary(console: Console, manifest, local_copy: Path) -> None:
     counts = manifest.counts
-    console.print(f"\n[bold]{counts.completed} completed, {counts.failed} failed[/] of {counts.total} requests "
-                  f"({manifest.throughput.rows_per_s} rows/s over {manifest.timings.wall_s} s)")
+    console.print(
+        f"\n[bold]{counts.completed} completed, {counts.failed} failed[/] of {counts.total} requests "
+        f"({manifest.throughput.rows_per_s} rows/s over {manifest.timings.wall_s} s)"
+    )
     with open(local_copy / "results.jsonl") as handle:
         for line in list(handle)[:3]:
             record = json.loads(line)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect_ray import RayTaskRunner
 
-from rayllm_stages.eval_config import EvaluationConfig
-from rayllm_stages.eval_metrics import ScoredExample
-from rayllm_stages.evaluation import EvaluationResult, answer_chain_config, conclude, judge_chain_config
-from tasks.chain import finalize_chain, prepare_chain, run_chain_steps
-from tasks.evaluation import (
+from prefect_rayllm.rayllm_stages.evaluation.config import EvaluationConfig
+from prefect_rayllm.rayllm_stages.evaluation.metrics import ScoredExample
+from prefect_rayllm.rayllm_stages.evaluation.run import EvaluationResult, answer_chain_config, conclude, judge_chain_config
+from prefect_rayllm.tasks.chain import finalize_chain, prepare_chain, run_chain_steps
+from prefect_rayllm.tasks.evaluation import (
     GateFailed,
     check_evaluation_input,
     emit_evaluation_failed,
@@ -19,7 +19,7 @@ from tasks.evaluation import (
     score_target,
     write_evaluation,
 )
-from tasks.runtime import connect_ray
+from prefect_rayllm.tasks.runtime import connect_ray
 
 
 @flow(name="evaluate", validate_parameters=True, on_failure=[emit_evaluation_failed])

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
 
-from rayllm_stages.manifest import Manifest
-from tasks.reporting import conclude_job, emit_job_event
-from tasks.runtime import connect_ray
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
+from prefect_rayllm.tasks.reporting import conclude_job, emit_job_event
+from prefect_rayllm.tasks.runtime import connect_ray
 
 
-def run_job(kind: str, config: Any, overwrite: bool, *, prepare: Callable, run: Callable, finalize: Callable, publish: Callable) -> Manifest:
+def run_job(
+    kind: str, config: Any, overwrite: bool, *, prepare: Callable, run: Callable, finalize: Callable, publish: Callable
+) -> Manifest:
     """Run one job's tasks in order; emit `rayllm.<kind>.failed` on any error, else conclude."""
     context = FlowRunContext.get()
     flow_run_id = str(context.flow_run.id) if context and context.flow_run else None

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from prefect import flow, get_run_logger
 from prefect.transactions import transaction
 
-from rayllm_stages.rollout_config import CANDIDATE_TARGET, RolloutConfig
-from tasks.endpoints import (
+from prefect_rayllm.flows.evaluation import evaluate
+from prefect_rayllm.rayllm_stages.rollout.config import CANDIDATE_TARGET, RolloutConfig
+from prefect_rayllm.tasks.endpoints import (
     GateRejected,
     RolloutReport,
     RolloutRolledBack,
@@ -33,10 +34,8 @@ from tasks.endpoints import (
     smoke_test,
     wait_healthy,
 )
-from tasks.locks import endpoint_lock
-from tasks.runtime import connect_ray
-
-from .evaluation import evaluate
+from prefect_rayllm.tasks.locks import endpoint_lock
+from prefect_rayllm.tasks.runtime import connect_ray
 
 
 @flow(name="rollout-endpoint", validate_parameters=True)
@@ -64,8 +63,14 @@ def _roll_out(config: RolloutConfig) -> RolloutReport:
     logger = get_run_logger()
     connect_ray(config.ray_address)
     plan = plan_rollout(config)
-    report = RolloutReport(endpoint=config.endpoint, url=config.stable_url, version=plan.version, previous=plan.primary,
-                           outcome="unchanged", serving=plan.primary)
+    report = RolloutReport(
+        endpoint=config.endpoint,
+        url=config.stable_url,
+        version=plan.version,
+        previous=plan.primary,
+        outcome="unchanged",
+        serving=plan.primary,
+    )
     if plan.primary == plan.version and plan.weights == {plan.version: 100}:
         logger.info("endpoint %s already serves %s: nothing to roll out", config.endpoint, plan.version)
         publish_rollout(report)
@@ -99,8 +104,10 @@ def _roll_out(config: RolloutConfig) -> RolloutReport:
                         shift_traffic(config, weights, candidate)
                         result = check_canary(config, step, candidate, time.time())
                         report.canary.append(result)
-                        note(f"candidate {result.candidate_requests} requests, {result.candidate_errors} errors, "
-                             f"p99 {result.p99_s} s, probes {result.probes_ok}/{result.probes}")
+                        note(
+                            f"candidate {result.candidate_requests} requests, {result.candidate_errors} errors, "
+                            f"p99 {result.p99_s} s, probes {result.probes_ok}/{result.probes}"
+                        )
                         if not result.passed:
                             raise canary_failure(result)
     except Exception as exc:

@@ -8,13 +8,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from rayllm_stages.batch import BatchJob, Execution, Preparation
-from rayllm_stages.config import BatchJobConfig, ConfigError
-from rayllm_stages.manifest import Manifest
-
-from .progress import ProgressReporter
-from .reporting import artifact_key
-from .secrets import resolve_api_key
+from prefect_rayllm.rayllm_stages.config.base import ConfigError
+from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
+from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob, Execution, Preparation
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
+from prefect_rayllm.tasks.progress import ProgressReporter
+from prefect_rayllm.tasks.reporting import artifact_key
+from prefect_rayllm.tasks.secrets import resolve_api_key
 
 
 def _retry_unless_config_error(task, task_run, state) -> bool:
@@ -89,7 +89,11 @@ def run_batch(config: BatchJobConfig) -> Execution:
     execution = BatchJob(config, api_key=resolve_api_key(config.model)).execute(on_progress=reporter)
     get_run_logger().info(
         "attempt %d: %d rows (%d results, %d errors) in %.1f s",
-        execution.attempt, execution.rows, execution.results, execution.errors, execution.seconds,
+        execution.attempt,
+        execution.rows,
+        execution.results,
+        execution.errors,
+        execution.seconds,
     )
     return execution
 

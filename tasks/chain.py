@@ -5,15 +5,14 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rayllm_stages.chain import ChainJob
-from rayllm_stages.config import ChainJobConfig
-from rayllm_stages.job import Execution, Preparation
-from rayllm_stages.manifest import Manifest
-
-from .batch import EXECUTION_RETRIES, STORAGE_RETRIES
-from .progress import ProgressReporter
-from .reporting import artifact_key
-from .secrets import resolve_api_key
+from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
+from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
+from prefect_rayllm.rayllm_stages.jobs.lifecycle import Execution, Preparation
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
+from prefect_rayllm.tasks.batch import EXECUTION_RETRIES, STORAGE_RETRIES
+from prefect_rayllm.tasks.progress import ProgressReporter
+from prefect_rayllm.tasks.reporting import artifact_key
+from prefect_rayllm.tasks.secrets import resolve_api_key
 
 
 @task(name="prepare-chain", cache_policy=NO_CACHE, **STORAGE_RETRIES)
@@ -22,7 +21,10 @@ def prepare_chain(config: ChainJobConfig, overwrite: bool = False) -> Preparatio
     preparation = ChainJob(config).prepare(overwrite=overwrite)
     get_run_logger().info(
         "chain %s: %d rows, %d already done, steps: %s",
-        config.output, preparation.total_rows, preparation.done_rows, " -> ".join(s.name for s in config.steps),
+        config.output,
+        preparation.total_rows,
+        preparation.done_rows,
+        " -> ".join(s.name for s in config.steps),
     )
     return preparation
 
@@ -46,7 +48,11 @@ def run_chain_steps(config: ChainJobConfig) -> Execution:
     execution = ChainJob(config, api_keys=keys).execute(on_progress=reporter)
     get_run_logger().info(
         "attempt %d: %d rows (%d results, %d errors) in %.1f s",
-        execution.attempt, execution.rows, execution.results, execution.errors, execution.seconds,
+        execution.attempt,
+        execution.rows,
+        execution.results,
+        execution.errors,
+        execution.seconds,
     )
     return execution
 

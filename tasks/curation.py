@@ -12,7 +12,7 @@ keeps one pipeline); given a list, they compute now and return a list. Example:
 
 ```python
 from prefect import flow
-from tasks.curation import fetch_images, decode_images, filter_images, dedup_images, write_curation
+from prefect_rayllm.tasks.curation import fetch_images, decode_images, filter_images, dedup_images, write_curation
 
 @flow
 def without_a_model(uris: list[str], output: str):
@@ -31,23 +31,23 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from rayllm_stages import curation as stages
-from rayllm_stages.config import ModelSpec, SamplingParams
-from rayllm_stages.curation import CurationConfig, CurationExecution, CurationPreparation, CurationRun
-from rayllm_stages.image_decode import DecodeConfig
-from rayllm_stages.image_fetch import FetchConfig
-from rayllm_stages.image_filter import FilterConfig
-from rayllm_stages.image_report import compact_for_markdown
-from rayllm_stages.storage import Location
-
-from .batch import EXECUTION_RETRIES, STORAGE_RETRIES
-from .progress import ProgressReporter
-from .reporting import artifact_key, emit_job_event
+from prefect_rayllm.rayllm_stages.config.models import ModelSpec, SamplingParams
+from prefect_rayllm.rayllm_stages.curation import pipeline as stages
+from prefect_rayllm.rayllm_stages.curation.contact_sheet import compact_for_markdown
+from prefect_rayllm.rayllm_stages.curation.decode import DecodeConfig
+from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig
+from prefect_rayllm.rayllm_stages.curation.filters import FilterConfig
+from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig, CurationExecution, CurationPreparation, CurationRun
+from prefect_rayllm.rayllm_stages.io.storage import Location
+from prefect_rayllm.tasks.batch import EXECUTION_RETRIES, STORAGE_RETRIES
+from prefect_rayllm.tasks.progress import ProgressReporter
+from prefect_rayllm.tasks.reporting import artifact_key, emit_job_event
 
 Rows = Any  # a ray.data.Dataset or a list of row dicts
 
 
 # -- the flow's tasks ------------------------------------------------------------------------
+
 
 @task(name="prepare-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def prepare_curation(config: CurationConfig, overwrite: bool = False) -> CurationPreparation:
@@ -71,8 +71,13 @@ def run_curation(config: CurationConfig) -> CurationExecution:
     records are committed as they arrive, so a retry resumes where this stopped."""
     reporter = ProgressReporter(artifact_key("curation-progress", config.output), "Curation")
     execution = CurationRun(config).execute(on_progress=reporter)
-    get_run_logger().info("attempt %d: %d images through the pipeline (%d rejected on the way) in %.1f s",
-                          execution.attempt, execution.images, execution.rejected, execution.seconds)
+    get_run_logger().info(
+        "attempt %d: %d images through the pipeline (%d rejected on the way) in %.1f s",
+        execution.attempt,
+        execution.images,
+        execution.rejected,
+        execution.seconds,
+    )
     return execution
 
 
@@ -81,7 +86,10 @@ def finalize_curation(config: CurationConfig, execution: CurationExecution | Non
     """Rules and dedup over all records; curated/rejected Parquet, contact sheet and manifest."""
     manifest = CurationRun(config).finalize(execution)
     get_run_logger().info(
-        "%d images: %d curated, %d rejected (%s)", manifest["input"], manifest["curated"], manifest["rejected"],
+        "%d images: %d curated, %d rejected (%s)",
+        manifest["input"],
+        manifest["curated"],
+        manifest["rejected"],
         manifest["rejected_by_stage"],
     )
     return manifest
@@ -90,12 +98,24 @@ def finalize_curation(config: CurationConfig, execution: CurationExecution | Non
 def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-stage table: images in, passed and rejected per stage, with the reasons counted."""
     rows = [
-        {"stage": s["stage"], "images in": s["in"], "passed": s["passed"], "rejected": s["rejected"],
-         "rejected because": "; ".join(f"{reason}: {count}" for reason, count in s["reasons"].items())}
+        {
+            "stage": s["stage"],
+            "images in": s["in"],
+            "passed": s["passed"],
+            "rejected": s["rejected"],
+            "rejected because": "; ".join(f"{reason}: {count}" for reason, count in s["reasons"].items()),
+        }
         for s in manifest["funnel"]
     ]
-    return rows + [{"stage": "curated", "images in": manifest["input"], "passed": manifest["curated"],
-                    "rejected": manifest["rejected"], "rejected because": ""}]
+    return rows + [
+        {
+            "stage": "curated",
+            "images in": manifest["input"],
+            "passed": manifest["curated"],
+            "rejected": manifest["rejected"],
+            "rejected because": "",
+        }
+    ]
 
 
 def report_markdown(manifest: dict[str, Any], sheet: tuple[str, bytes] | None) -> str:
@@ -106,7 +126,8 @@ def report_markdown(manifest: dict[str, Any], sheet: tuple[str, bytes] | None) -
         "",
         f"{manifest['curated']:,} of {manifest['input']:,} images kept with `{manifest['model']['name']}` "
         f"({manifest.get('images_per_s')} images/s; attempts: "
-        + ", ".join(f"#{a['attempt']} {a['images']} images" for a in manifest.get("attempts", [])) + ").",
+        + ", ".join(f"#{a['attempt']} {a['images']} images" for a in manifest.get("attempts", []))
+        + ").",
         "",
         "| stage | images in | passed | rejected |",
         "| --- | --- | --- | --- |",
@@ -116,14 +137,20 @@ def report_markdown(manifest: dict[str, Any], sheet: tuple[str, bytes] | None) -
         "| --- | --- |",
         *[f"| {reason} | {count} |" for reason, count in manifest["rejected_by_reason"].items()],
         "",
-        (f"Fetch: {fetch['gets']} GETs, {fetch['retries']} retries over {fetch['retried_images']} images, "
-         f"{fetch['recovered_images']} of them read in the end, {fetch['gave_up_images']} given up."),
+        (
+            f"Fetch: {fetch['gets']} GETs, {fetch['retries']} retries over {fetch['retried_images']} images, "
+            f"{fetch['recovered_images']} of them read in the end, {fetch['gave_up_images']} given up."
+        ),
     ]
     if sheet is not None:
         mime, data = sheet
         shown = manifest["contact_sheet"]
-        lines += ["", f"## Contact sheet ({len(shown['kept'])} kept, {len(shown['rejected'])} rejected)", "",
-                  f"![contact sheet](data:{mime};base64,{base64.b64encode(data).decode()})"]
+        lines += [
+            "",
+            f"## Contact sheet ({len(shown['kept'])} kept, {len(shown['rejected'])} rejected)",
+            "",
+            f"![contact sheet](data:{mime};base64,{base64.b64encode(data).decode()})",
+        ]
     lines += ["", "| output | location |", "| --- | --- |", *[f"| {k} | `{v}` |" for k, v in manifest["outputs"].items()]]
     return "\n".join(lines) + "\n"
 
@@ -131,19 +158,28 @@ def report_markdown(manifest: dict[str, Any], sheet: tuple[str, bytes] | None) -
 @task(name="publish-curation-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_curation_report(config: CurationConfig, manifest: dict[str, Any]) -> None:
     """Per-stage table, a markdown report with the contact sheet, and `rayllm.curation.completed`."""
-    create_table_artifact(stage_rows(manifest), key=artifact_key("curation-stages", config.output),
-                          description="Images per stage, and why they were rejected")
+    create_table_artifact(
+        stage_rows(manifest),
+        key=artifact_key("curation-stages", config.output),
+        description="Images per stage, and why they were rejected",
+    )
     sheet = None
     if "contact_sheet" in manifest["outputs"]:
         with Location(manifest["outputs"]["contact_sheet"], config.storage_options).open("rb") as handle:
             sheet = compact_for_markdown(handle.read())
-    create_markdown_artifact(report_markdown(manifest, sheet), key=artifact_key("curation-report", config.output),
-                             description="Curation report")
-    emit_job_event("curation", "completed", config.output,
-                   {k: manifest[k] for k in ("input", "curated", "rejected", "rejected_by_stage", "outputs")})
+    create_markdown_artifact(
+        report_markdown(manifest, sheet), key=artifact_key("curation-report", config.output), description="Curation report"
+    )
+    emit_job_event(
+        "curation",
+        "completed",
+        config.output,
+        {k: manifest[k] for k in ("input", "curated", "rejected", "rejected_by_stage", "outputs")},
+    )
 
 
 # -- the stages one at a time ------------------------------------------------------------------
+
 
 @task(name="fetch-images", cache_policy=NO_CACHE)
 def fetch_images(data: Rows, config: FetchConfig | dict[str, Any] | None = None, workers: int = 2) -> Rows:
@@ -179,12 +215,17 @@ def decode_images(data: Rows, config: DecodeConfig | dict[str, Any] | None = Non
 
 
 @task(name="caption-images", cache_policy=NO_CACHE)
-def caption_images(data: Rows, model: ModelSpec, prompt: str = stages.DEFAULT_PROMPT,
-                   json_schema: dict[str, Any] | None = None, sampling: SamplingParams | None = None) -> Rows:
+def caption_images(
+    data: Rows,
+    model: ModelSpec,
+    prompt: str = stages.DEFAULT_PROMPT,
+    json_schema: dict[str, Any] | None = None,
+    sampling: SamplingParams | None = None,
+) -> Rows:
     """Caption and score decoded images with a VLM (Ray Data LLM, vLLM); rows become records
     (`caption`, `scores` JSON, `stage`/`reason` for rows that failed here or earlier).
 
-    Needs a connected Ray (`tasks.runtime.connect_ray`). Example:
+    Needs a connected Ray (`prefect_rayllm.tasks.runtime.connect_ray`). Example:
         ```python
         @flow
         def captions(uris: list[str]):
@@ -227,8 +268,14 @@ def dedup_images(data: Rows, config: FilterConfig | dict[str, Any] | None = None
 
 
 @task(name="write-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def write_curation(data: Rows, output: str, storage_options: dict[str, Any] | None = None, model_name: str = "",
-                   fetch: FetchConfig | None = None, contact_sheet_images: int = 24) -> dict[str, Any]:
+def write_curation(
+    data: Rows,
+    output: str,
+    storage_options: dict[str, Any] | None = None,
+    model_name: str = "",
+    fetch: FetchConfig | None = None,
+    contact_sheet_images: int = 24,
+) -> dict[str, Any]:
     """Write curated.parquet, rejected.parquet, contact_sheet.png and manifest.json; returns the manifest.
 
     Example:
@@ -239,5 +286,11 @@ def write_curation(data: Rows, output: str, storage_options: dict[str, Any] | No
         ```
     """
     records = data.take_all() if hasattr(data, "take_all") else data
-    return stages.write_outputs(records, output, storage_options=storage_options, model_name=model_name, fetch=fetch,
-                                contact_sheet_images=contact_sheet_images)
+    return stages.write_outputs(
+        records,
+        output,
+        storage_options=storage_options,
+        model_name=model_name,
+        fetch=fetch,
+        contact_sheet_images=contact_sheet_images,
+    )

@@ -17,20 +17,19 @@ from prefect.events import emit_event
 from prefect.transactions import Transaction, get_transaction
 from pydantic import Field
 
-from rayllm_stages import endpoints
-from rayllm_stages.config import StrictModel
-from rayllm_stages.endpoints import (
+from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.llm.engines import cluster_has_gpu
+from prefect_rayllm.rayllm_stages.rollout import endpoints
+from prefect_rayllm.rayllm_stages.rollout.config import CanaryStep, RolloutConfig
+from prefect_rayllm.rayllm_stages.rollout.endpoints import (
     CanaryCheckFailed,
     CanaryResult,
     EndpointStatus,
     SmokeResult,
     VersionInfo,
 )
-from rayllm_stages.engines import cluster_has_gpu
-from rayllm_stages.rollout_config import CanaryStep, RolloutConfig
-
-from .reporting import artifact_key
-from .secrets import resolve_api_key
+from prefect_rayllm.tasks.reporting import artifact_key
+from prefect_rayllm.tasks.secrets import resolve_api_key
 
 SERVE_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10]}
 
@@ -92,10 +91,14 @@ def plan_rollout(config: RolloutConfig) -> RolloutPlan:
     endpoints.ensure_serve_http(config.http)
     table = endpoints.read_table(config.endpoint)
     plan = RolloutPlan(
-        endpoint=config.endpoint, version=config.version_id(),
-        primary=table.primary if table else None, weights=table.weights if table else {},
+        endpoint=config.endpoint,
+        version=config.version_id(),
+        primary=table.primary if table else None,
+        weights=table.weights if table else {},
     )
-    get_run_logger().info("endpoint %s: candidate %s, serving now %s %s", config.endpoint, plan.version, plan.primary or "nothing", plan.weights)
+    get_run_logger().info(
+        "endpoint %s: candidate %s, serving now %s %s", config.endpoint, plan.version, plan.primary or "nothing", plan.weights
+    )
     return plan
 
 
@@ -120,7 +123,10 @@ def _roll_back_candidate(transaction: Transaction) -> None:
     candidate = VersionInfo.model_validate(transaction.get("candidate"))
     primary = endpoints.rollback(config, candidate, cluster_has_gpu(), api_key=endpoint_key(config))
     get_run_logger().warning(
-        "endpoint %s rolled back: %s serves all traffic, candidate %s deleted", config.endpoint, primary or "nothing", candidate.version
+        "endpoint %s rolled back: %s serves all traffic, candidate %s deleted",
+        config.endpoint,
+        primary or "nothing",
+        candidate.version,
     )
 
 
@@ -141,10 +147,13 @@ def smoke_test(config: RolloutConfig, base_url: str) -> list[SmokeResult]:
 
 
 @task(name="shift-traffic", cache_policy=NO_CACHE, **SERVE_RETRIES)
-def shift_traffic(config: RolloutConfig, weights: dict[str, int], candidate: VersionInfo | None = None,
-                  primary: str | None = None) -> dict[str, int]:
+def shift_traffic(
+    config: RolloutConfig, weights: dict[str, int], candidate: VersionInfo | None = None, primary: str | None = None
+) -> dict[str, int]:
     """Apply `weights` (version -> percent) at the router, in place; creates the router the first time."""
-    table = endpoints.set_traffic(config, weights, cluster_has_gpu(), candidate=candidate, primary=primary, api_key=endpoint_key(config))
+    table = endpoints.set_traffic(
+        config, weights, cluster_has_gpu(), candidate=candidate, primary=primary, api_key=endpoint_key(config)
+    )
     get_run_logger().info("endpoint %s traffic: %s (primary %s)", config.endpoint, table.weights, table.primary)
     return table.weights
 
@@ -155,7 +164,12 @@ def check_canary(config: RolloutConfig, step: CanaryStep, candidate: VersionInfo
     result = endpoints.hold_and_check(config, step, candidate, since, endpoint_key(config))
     get_run_logger().info(
         "canary %d%%: candidate served %d requests, %d errors, p99 %s s; probes %d/%d",
-        step.percent, result.candidate_requests, result.candidate_errors, result.p99_s, result.probes_ok, result.probes,
+        step.percent,
+        result.candidate_requests,
+        result.candidate_errors,
+        result.p99_s,
+        result.probes_ok,
+        result.probes,
     )
     return result
 
@@ -196,10 +210,17 @@ def canary_failure(result: CanaryResult) -> CanaryCheckFailed:
 def publish_rollout(report: RolloutReport) -> None:
     """Status table (one row per step), a markdown summary, and the event `rayllm.rollout.<outcome>`."""
     rows = [
-        {"step": s.step, "result": "passed" if s.passed else "FAILED", "seconds": round(s.finished - s.started, 1), "detail": s.detail}
+        {
+            "step": s.step,
+            "result": "passed" if s.passed else "FAILED",
+            "seconds": round(s.finished - s.started, 1),
+            "detail": s.detail,
+        }
         for s in report.steps
     ]
-    create_table_artifact(rows, key=artifact_key("rollout", report.endpoint), description=f"Rollout of {report.endpoint}: {report.outcome}")
+    create_table_artifact(
+        rows, key=artifact_key("rollout", report.endpoint), description=f"Rollout of {report.endpoint}: {report.outcome}"
+    )
     lines = [
         f"# Rollout of `{report.endpoint}`: {report.outcome.replace('_', ' ')}",
         "",
@@ -208,8 +229,15 @@ def publish_rollout(report: RolloutReport) -> None:
     if report.reason:
         lines += ["", f"Reason: {report.reason}"]
     if report.canary:
-        lines += ["", "| canary | candidate requests | errors | p50 (s) | p99 (s) | probes |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {c.percent}% | {c.candidate_requests} | {c.candidate_errors} | {c.p50_s} | {c.p99_s} | {c.probes_ok}/{c.probes} |" for c in report.canary]
+        lines += [
+            "",
+            "| canary | candidate requests | errors | p50 (s) | p99 (s) | probes |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {c.percent}% | {c.candidate_requests} | {c.candidate_errors} | {c.p50_s} | {c.p99_s} | {c.probes_ok}/{c.probes} |"
+            for c in report.canary
+        ]
     create_markdown_artifact("\n".join(lines), key=artifact_key("rollout-report", report.endpoint), description="Rollout report")
     if report.outcome != "unchanged":
         emit_event(

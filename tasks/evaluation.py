@@ -13,12 +13,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
 
-from rayllm_stages.eval_config import EvaluationConfig
-from rayllm_stages.eval_metrics import ScoredExample
-from rayllm_stages.evaluation import EvaluationResult, check_evaluation, collect_records, read_scores, report_markdown, score_records
-
-from .batch import STORAGE_RETRIES
-from .reporting import artifact_key
+from prefect_rayllm.rayllm_stages.evaluation.config import EvaluationConfig
+from prefect_rayllm.rayllm_stages.evaluation.metrics import ScoredExample
+from prefect_rayllm.rayllm_stages.evaluation.run import (
+    EvaluationResult,
+    check_evaluation,
+    collect_records,
+    read_scores,
+    report_markdown,
+    score_records,
+)
+from prefect_rayllm.tasks.batch import STORAGE_RETRIES
+from prefect_rayllm.tasks.reporting import artifact_key
 
 
 class GateFailed(RuntimeError):
@@ -29,7 +35,9 @@ class GateFailed(RuntimeError):
 def check_evaluation_input(config: EvaluationConfig) -> int:
     """Check the dataset against metrics, prompt and targets before any engine starts."""
     examples = check_evaluation(config)
-    get_run_logger().info("evaluation %s: %d examples, targets: %s", config.name, examples, ", ".join(t.name for t in config.targets))
+    get_run_logger().info(
+        "evaluation %s: %d examples, targets: %s", config.name, examples, ", ".join(t.name for t in config.targets)
+    )
     return examples
 
 
@@ -82,7 +90,7 @@ def _last_passing_scores_url(name: str) -> str | None:
     for artifact in artifacts:
         if artifact.flow_run_id == current:
             continue
-        rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        rows: Any = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
         return rows[0]["scores"]
     return None
 
@@ -100,7 +108,7 @@ def publish_evaluation(config: EvaluationConfig, result: EvaluationResult) -> No
     create_table_artifact(_verdict_rows(result), key=artifact_key("eval-verdict", output), description="Gate checks")
     for name, url in result.outputs.items():
         if name.startswith("plot:"):
-            create_image_artifact(url, description=name[len("plot:"):])
+            create_image_artifact(url, description=name[len("plot:") :])
     if result.passed:
         create_table_artifact(
             [{"scores": result.outputs["scores"], "metrics": result.outputs["metrics"]}],
@@ -143,8 +151,16 @@ def _verdict_rows(result: EvaluationResult) -> list[dict[str, Any]]:
     rows = []
     for target, verdict in result.verdicts.items():
         for check in verdict.checks:
-            rows.append({"target": target, "check": check.name, "threshold": check.threshold, "value": check.value,
-                         "passed": check.passed, "detail": check.detail})
+            rows.append(
+                {
+                    "target": target,
+                    "check": check.name,
+                    "threshold": check.threshold,
+                    "value": check.value,
+                    "passed": check.passed,
+                    "detail": check.detail,
+                }
+            )
         if not verdict.checks:
             rows.append({"target": target, "check": "(no gate)", "threshold": None, "value": None, "passed": True, "detail": ""})
     return rows
@@ -153,14 +169,14 @@ def _verdict_rows(result: EvaluationResult) -> list[dict[str, Any]]:
 def _embedded_plots(config: EvaluationConfig, result: EvaluationResult) -> str:
     """The plots inline (data URLs), so the report reads whole in the Prefect UI wherever the
     output folder lives."""
-    from rayllm_stages.storage import Location
+    from prefect_rayllm.rayllm_stages.io.storage import Location
 
     parts = []
     for name, url in result.outputs.items():
         if name.startswith("plot:"):
             with Location(url, config.storage_options).open("rb") as handle:
                 encoded = base64.b64encode(handle.read()).decode()
-            parts.append(f"![{name[len('plot:'):]}](data:image/png;base64,{encoded})")
+            parts.append(f"![{name[len('plot:') :]}](data:image/png;base64,{encoded})")
     return "\n\n## Plots\n\n" + "\n\n".join(parts) + "\n" if parts else ""
 
 
@@ -174,9 +190,11 @@ def gate_failure_message(result: EvaluationResult) -> str:
 
 
 @task(name="write-evaluation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def write_evaluation(config: EvaluationConfig, result: EvaluationResult, scored: dict[str, list[ScoredExample]]) -> EvaluationResult:
+def write_evaluation(
+    config: EvaluationConfig, result: EvaluationResult, scored: dict[str, list[ScoredExample]]
+) -> EvaluationResult:
     """scores.jsonl, metrics.json, report.md and plots in the output folder."""
-    from rayllm_stages.evaluation import write_outputs
+    from prefect_rayllm.rayllm_stages.evaluation.run import write_outputs
 
     write_outputs(config, result, scored)
     return result

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext, FlowRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 
 Listener = Callable[[int, int], None]
 _listeners: list[Listener] = []
@@ -47,7 +47,7 @@ class ProgressReporter:
         self._last_update, self._last_percent = now, percent
         description = f"{self.description}: {done:,} of {total:,} rows"
         if self._artifact_id is None:
-            self._artifact_id = create_progress_artifact(percent, key=self.key, description=description)
+            self._artifact_id = create_progress_artifact(percent, key=self.key, description=description)  # type: ignore[assignment]
         else:
             update_progress_artifact(self._artifact_id, percent, description=description)
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from rayllm_stages.manifest import Manifest
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 
 
 def artifact_key(kind: str, location: str) -> str:
@@ -109,8 +109,12 @@ def publish_chain_report(manifest: Manifest) -> None:
 
 def _publish_report(manifest: Manifest, kind: str, title: str) -> None:
     output = manifest.outputs["manifest"].rsplit("/", 1)[0]
-    create_table_artifact(batch_summary_rows(manifest), key=artifact_key(f"{kind}-summary", output), description=f"{title} summary")
-    create_markdown_artifact(batch_report_markdown(manifest), key=artifact_key(f"{kind}-report", output), description=f"{title} report")
+    create_table_artifact(
+        batch_summary_rows(manifest), key=artifact_key(f"{kind}-summary", output), description=f"{title} summary"
+    )
+    create_markdown_artifact(
+        batch_report_markdown(manifest), key=artifact_key(f"{kind}-report", output), description=f"{title} report"
+    )
 
 
 class ErrorRateExceeded(RuntimeError):
@@ -119,7 +123,12 @@ class ErrorRateExceeded(RuntimeError):
 
 def conclude_job(kind: str, output: str, manifest: Manifest, max_error_rate: float) -> None:
     """Emit `rayllm.<kind>.completed`, or `.failed` and raise when too many rows failed."""
-    payload = {"counts": manifest.counts.model_dump(), "outputs": manifest.outputs, "model": manifest.model, "steps": manifest.steps}
+    payload = {
+        "counts": manifest.counts.model_dump(),
+        "outputs": manifest.outputs,
+        "model": manifest.model,
+        "steps": manifest.steps,
+    }
     counts = manifest.counts
     if counts.error_rate > max_error_rate:
         emit_job_event(kind, "failed", output, {**payload, "reason": "error rate above max_error_rate"})

@@ -6,7 +6,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from rayllm_stages import ray_logs, ray_runtime
+from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
+from prefect_rayllm.rayllm_stages.runtime import worker_logs as ray_logs
 
 
 @task(name="connect-ray", cache_policy=NO_CACHE)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from rayllm_stages.config import ConfigError, ModelSpec
+from prefect_rayllm.rayllm_stages.config.base import ConfigError
+from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 
 
 def resolve_api_key(spec: ModelSpec) -> str | None:
@@ -23,7 +24,7 @@ def resolve_api_key(spec: ModelSpec) -> str | None:
         from prefect.blocks.system import Secret
 
         try:
-            return str(Secret.load(spec.api_key_secret).get())
+            return str(Secret.load(spec.api_key_secret).get())  # type: ignore[union-attr]
         except ValueError as exc:
             raise ConfigError(f"model.api_key_secret: no Prefect Secret block named {spec.api_key_secret!r}") from exc
     return None

@@ -20,18 +20,20 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAYLLM_CACHE_DIR", tempfile.mkdtemp(prefix="rayllm-test-cache-"))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def openai_line(custom_id: str, content, max_tokens: int = 8, **body) -> str:
-    return json.dumps({
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **body},
-    })
+    return json.dumps(
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **body},
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +49,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every in-process test."""
-    from rayllm_stages import ray_runtime
+    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
 
     ray_runtime.connect()
     yield
@@ -57,7 +59,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A trained ("good") and an untrained ("bad") tiny chat model, built once."""
-    from rayllm_stages.tiny_models import build_tiny_chat_model
+    from prefect_rayllm.rayllm_stages.testing.tiny_models import build_tiny_chat_model
 
     root = tmp_path_factory.mktemp("models")
     return {
@@ -71,7 +73,7 @@ def tiny_vlm(tmp_path_factory) -> Path:
     """A tiny vision-language model (Idefics3, random weights), built by the CLI once."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from prefect_rayllm.flows.cli import app
 
     folder = tmp_path_factory.mktemp("models") / "tiny-vlm"
     outcome = CliRunner().invoke(app, ["make-tiny-model", str(folder), "--vision"])
@@ -82,7 +84,7 @@ def tiny_vlm(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def local_s3():
     """A real S3-protocol server (moto) on 127.0.0.1."""
-    from rayllm_stages.local_s3 import start_local_s3
+    from prefect_rayllm.rayllm_stages.testing.local_s3 import start_local_s3
 
     server = start_local_s3()
     yield server
@@ -104,11 +106,30 @@ def openai_server(tiny_models):
     port = _free_port()
     log = open(tempfile.mktemp(prefix="vllm-server-", suffix=".log"), "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["good"]),
-         "--served-model-name", "tiny-good", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--api-key", OPENAI_SERVER_KEY,
-         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_models["good"]),
+            "--served-model-name",
+            "tiny-good",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "256",
+            "--gpu-memory-utilization",
+            "0.1",
+            "--api-key",
+            OPENAI_SERVER_KEY,
+            "--structured-outputs-config",
+            json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 300
@@ -122,7 +143,7 @@ def openai_server(tiny_models):
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise RuntimeError(f"vLLM server did not answer in 300 s; log: {log.name}")
+                    raise RuntimeError(f"vLLM server did not answer in 300 s; log: {log.name}") from None
                 time.sleep(1)
         yield base_url
     finally:

@@ -25,7 +25,9 @@ def wait_for_event(name: str, resource_id: str, timeout_s: float = 30.0, since: 
     with get_client(sync_client=True) as client:
         while True:
             occurred = EventOccurredFilter(since=since) if since else EventOccurredFilter()  # `until` defaults to now
-            event_filter = EventFilter(occurred=occurred, event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]))
+            event_filter = EventFilter(
+                occurred=occurred, event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id])
+            )
             page = client.read_events(filter=event_filter, limit=10)
             if page.events:
                 return page.events[0]

@@ -1,0 +1,349 @@
+"""Reading batch input: OpenAI Batch JSONL or a JSONL/Parquet table, one checked row at a time.
+
+Every input row becomes exactly one `Request` (ready for the engine) or one `RowError` (with the
+row's line or index, its id when it has one, an error code and a message naming the field).
+Rows stream: nothing but the set of seen ids is held in memory.
+
+Example (OpenAI Batch line in -> Request):
+    {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}}
+    -> Request(index=0, key="r1", messages=[...], sampling={..., "max_tokens": 8}, row=None)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jinja2.exceptions import TemplateError
+from pydantic import ValidationError
+
+from prefect_rayllm.rayllm_stages.config.base import ConfigError
+from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig, SamplingParams
+from prefect_rayllm.rayllm_stages.io.storage import Location
+from prefect_rayllm.rayllm_stages.llm.prompts import check_template_fields, render_messages, template_fields
+
+InputFormat = Literal["openai_batch", "jsonl", "parquet"]
+
+SUPPORTED_URLS = ("/v1/chat/completions",)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Body fields that carry no sampling meaning for us.
+IGNORED_BODY_FIELDS = {"model", "messages", "user", "metadata", "store", "n", "stream"}
+# OpenAI names -> our SamplingParams names.
+BODY_SAMPLING_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens",
+    "min_tokens": "min_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
+}
+RAW_EXCERPT_CHARS = 200
+
+
+@dataclass
+class Request:
+    """One row ready for the engine."""
+
+    index: int
+    key: str
+    messages: list[dict[str, Any]]
+    sampling: dict[str, Any]
+    row: dict[str, Any] | None = None  # table inputs: the input columns, echoed in the results
+
+
+@dataclass
+class RowError:
+    """One input row that cannot run, and why."""
+
+    index: int
+    key: str | None
+    code: str
+    message: str
+    raw: str | None = None
+
+
+def detect_format(config: BatchJobConfig, source: Location) -> InputFormat:
+    """The input's format: as configured, or from the suffix and the first non-blank line."""
+    if config.input_format != "auto":
+        return config.input_format
+    if source.path.endswith(".parquet"):
+        return "parquet"
+    first = _first_non_blank_line(source)
+    try:
+        record = json.loads(first) if first else None
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and "custom_id" in record and "body" in record:
+        return "openai_batch"
+    if config.prompt is not None:
+        return "jsonl"
+    return "openai_batch"  # its per-line checks explain what is wrong with each line
+
+
+def check_input(config: BatchJobConfig) -> InputFormat:
+    """Check, before any engine starts, that the input exists and fits the config."""
+    source = Location(config.input, config.storage_options)
+    if not source.exists():
+        raise ConfigError(f"input: {config.input} does not exist")
+    fmt = detect_format(config, source)
+    if fmt == "openai_batch":
+        if config.prompt is not None:
+            raise ConfigError("prompt: an OpenAI Batch input carries its own messages; remove prompt")
+        if config.id_column is not None:
+            raise ConfigError("id_column: an OpenAI Batch input is keyed by custom_id; remove id_column")
+        return fmt
+    if config.prompt is None:
+        raise ConfigError(f"prompt: {config.input} is a table ({fmt}) and needs a prompt template")
+    check_template_fields(config.prompt, _checked_table_columns(config, source, fmt), config.input)
+    return fmt
+
+
+def table_columns(source: Location, fmt: InputFormat, sample_rows: int = 100) -> list[str]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with source.open("rb") as handle:
+            return list(pq.ParquetFile(handle).schema_arrow.names)
+    columns: dict[str, None] = {}
+    for number, line in enumerate(_non_blank_lines(source)):
+        if number >= sample_rows:
+            break
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            columns.update(dict.fromkeys(record))
+    return list(columns)
+
+
+def read_requests(config: BatchJobConfig, fmt: InputFormat) -> Iterator[Request | RowError]:
+    """Every input row, in input order, as a `Request` or a `RowError`."""
+    source = Location(config.input, config.storage_options)
+    if fmt == "openai_batch":
+        yield from _openai_batch_rows(source, config.sampling)
+    else:
+        yield from _table_rows(source, fmt, config)
+
+
+def count_rows(config: BatchJobConfig, fmt: InputFormat) -> int:
+    source = Location(config.input, config.storage_options)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with source.open("rb") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    return sum(1 for _ in _non_blank_lines(source))
+
+
+def _openai_batch_rows(source: Location, defaults: SamplingParams) -> Iterator[Request | RowError]:
+    seen: dict[str, int] = {}
+    for index, line in enumerate(_non_blank_lines(source)):
+        line_no = index + 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield RowError(index, None, "invalid_json", f"line {line_no}: not valid JSON ({exc.msg})", _excerpt(line))
+            continue
+        if not isinstance(record, dict):
+            yield RowError(index, None, "invalid_request", f"line {line_no}: must be a JSON object", _excerpt(line))
+            continue
+        custom_id = record.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            yield RowError(
+                index, None, "missing_custom_id", f"line {line_no}: custom_id must be a non-empty string", _excerpt(line)
+            )
+            continue
+        if custom_id in seen:
+            yield RowError(
+                index,
+                custom_id,
+                "duplicate_custom_id",
+                f"line {line_no}: custom_id {custom_id!r} is already used on line {seen[custom_id]}",
+            )
+            continue
+        seen[custom_id] = line_no
+        problem = _request_problem(record)
+        if problem:
+            code, message = problem
+            yield RowError(index, custom_id, code, f"line {line_no} ({custom_id}): {message}")
+            continue
+        body = record["body"]
+        sampling = _row_sampling(defaults, body)
+        if isinstance(sampling, str):
+            yield RowError(index, custom_id, "invalid_sampling", f"line {line_no} ({custom_id}): {sampling}")
+            continue
+        yield Request(index, custom_id, body["messages"], sampling)
+
+
+def _request_problem(record: dict[str, Any]) -> tuple[str, str] | None:
+    method = record.get("method", "POST")
+    if method != "POST":
+        return "unsupported_method", f"method {method!r} is not supported (only POST)"
+    url = record.get("url")
+    if url not in SUPPORTED_URLS:
+        return "unsupported_url", f"url {url!r} is not supported (supported: {', '.join(SUPPORTED_URLS)})"
+    body = record.get("body")
+    if not isinstance(body, dict):
+        return "invalid_body", "body must be a JSON object"
+    if body.get("stream"):
+        return "unsupported_field", "body.stream must be false in a batch"
+    if body.get("n", 1) != 1:
+        return "unsupported_field", "body.n must be 1"
+    unsupported = sorted(set(body) - IGNORED_BODY_FIELDS - set(BODY_SAMPLING_FIELDS))
+    if unsupported:
+        return "unsupported_field", f"body field(s) {', '.join(unsupported)} are not supported"
+    return _messages_problem(body.get("messages"))
+
+
+def _messages_problem(messages: Any) -> tuple[str, str] | None:
+    if not isinstance(messages, list) or not messages:
+        return "empty_messages", "body.messages must be a non-empty list"
+    for position, message in enumerate(messages):
+        where = f"body.messages[{position}]"
+        if not isinstance(message, dict):
+            return "invalid_message", f"{where} must be an object"
+        if message.get("role") not in ROLES:
+            return "invalid_message", f"{where}.role must be one of {', '.join(ROLES)}"
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not content:
+            return "invalid_message", f"{where}.content must be a string or a non-empty list of parts"
+        for part_no, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                return "unsupported_content", (
+                    f"{where}.content[{part_no}] of type {kind!r} is not supported here (text parts only; "
+                    "images go through the curation flow)"
+                )
+    if messages[-1].get("role") not in ("user", "tool"):
+        return "invalid_message", "the last message must be from the user (or a tool)"
+    return None
+
+
+def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> dict[str, Any] | str:
+    """Defaults overridden by the body's sampling fields, or a message naming the bad field."""
+    overrides: dict[str, Any] = {}
+    for name, ours in BODY_SAMPLING_FIELDS.items():
+        if name in body and body[name] is not None:
+            value = body[name]
+            overrides[ours] = [value] if ours == "stop" and isinstance(value, str) else value
+    try:
+        return SamplingParams.model_validate({**defaults.model_dump(), **overrides}).for_engine()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        return f"body.{field}: {first['msg']}"
+
+
+def _table_rows(source: Location, fmt: InputFormat, config: BatchJobConfig) -> Iterator[Request | RowError]:
+    assert config.prompt is not None
+    sampling = config.sampling.for_engine()
+    needed = sorted(set().union(*template_fields(config.prompt).values()))
+    for item in keyed_table_rows(source, fmt, config.id_column):
+        if isinstance(item, RowError):
+            yield item
+            continue
+        index, key, row = item
+        where = f"row {index} ({key})"
+        empty = [name for name in needed if row.get(name) is None]
+        if empty:
+            yield RowError(index, key, "missing_field", f"{where}: field(s) {', '.join(map(repr, empty))} are null or missing")
+            continue
+        try:
+            messages = render_messages(config.prompt, row)
+        except TemplateError as exc:
+            yield RowError(index, key, "template_error", f"{where}: prompt template failed: {exc}")
+            continue
+        yield Request(index, key, messages, sampling, row=row)
+
+
+def keyed_table_rows(
+    source: Location, fmt: InputFormat, id_column: str | None
+) -> Iterator[tuple[int, str, dict[str, Any]] | RowError]:
+    """Table rows with their id (the id column, or the row index); bad or repeated ids are errors."""
+    seen: set[str] = set()
+    for index, row in _table_records(source, fmt):
+        if isinstance(row, RowError):
+            yield row
+            continue
+        if id_column is None:
+            yield index, str(index), row
+            continue
+        value = row.get(id_column)
+        if value is None or value == "":
+            yield RowError(index, None, "missing_id", f"row {index}: column {id_column!r} is empty")
+            continue
+        key = str(value)
+        if key in seen:
+            yield RowError(index, key, "duplicate_id", f"row {index}: id {key!r} appears more than once")
+            continue
+        seen.add(key)
+        yield index, key, row
+
+
+def check_table_input(config: Any) -> InputFormat:
+    """For table-only jobs: the input exists, is a table, and has the id column."""
+    source = Location(config.input, config.storage_options)
+    if not source.exists():
+        raise ConfigError(f"input: {config.input} does not exist")
+    if config.input_format != "auto":
+        fmt = config.input_format
+    else:
+        fmt = "parquet" if source.path.endswith(".parquet") else "jsonl"
+    _checked_table_columns(config, source, fmt)
+    return fmt
+
+
+def _checked_table_columns(config: Any, source: Location, fmt: InputFormat) -> list[str]:
+    columns = table_columns(source, fmt)
+    if config.id_column is not None and config.id_column not in columns:
+        raise ConfigError(f"id_column: {config.input} has no column {config.id_column!r}")
+    return columns
+
+
+def _table_records(source: Location, fmt: InputFormat) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        index = 0
+        with source.open("rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    yield index, record
+                    index += 1
+        return
+    for index, line in enumerate(_non_blank_lines(source)):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield index, RowError(index, None, "invalid_json", f"line {index + 1}: not valid JSON ({exc.msg})", _excerpt(line))
+            continue
+        if not isinstance(record, dict):
+            yield index, RowError(index, None, "invalid_row", f"line {index + 1}: must be a JSON object", _excerpt(line))
+            continue
+        yield index, record
+
+
+def _non_blank_lines(source: Location) -> Iterator[str]:
+    for line in source.iter_lines():
+        if line.strip():
+            yield line
+
+
+def _first_non_blank_line(source: Location) -> str | None:
+    return next(_non_blank_lines(source), None)
+
+
+def _excerpt(line: str) -> str:
+    line = line.rstrip("\n")
+    return line if len(line) <= RAW_EXCERPT_CHARS else line[:RAW_EXCERPT_CHARS] + "…"
