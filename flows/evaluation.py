@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect_ray import RayTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefect_rayllm.rayllm_stages.evaluation.config import EvaluationConfig
 from prefect_rayllm.rayllm_stages.evaluation.metrics import ScoredExample
@@ -58,9 +58,13 @@ def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationRes
     return result
 
 
-@flow(name="score-targets", task_runner=RayTaskRunner())
+# Scoring is light (files in, numbers out), so it runs in this flow process, one thread per target.
+# It used to fan out over Ray with prefect-ray's RayTaskRunner: on an external cluster each Ray
+# worker then started its own temporary Prefect server (the driver's API is not reachable from
+# there), which timed out under load and turned a gate into a crash.
+@flow(name="score-targets", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def score_targets(config: EvaluationConfig) -> dict[str, list[ScoredExample]]:
-    """Score each target as its own task, fanned out over Ray (the Ray this process is connected to)."""
+    """Score each target as its own task, in this flow process."""
     futures = {target.name: score_target.submit(config, target.name) for target in config.targets}
     return {name: future.result() for name, future in futures.items()}
 

@@ -45,8 +45,8 @@ def check_evaluation_input(config: EvaluationConfig) -> int:
 def score_target(config: EvaluationConfig, target: str) -> list[ScoredExample]:
     """Join the dataset with the target's answers and judgements, and score every example.
 
-    Plain Python over files in the output location, so it may run on any Ray worker
-    (the `evaluate` flow fans it out with prefect-ray's RayTaskRunner).
+    Plain Python over files in the output location; the `evaluate` flow runs one per target in
+    its own process (no Ray worker, so no Prefect API is needed anywhere but here).
     """
     (spec,) = [t for t in config.targets if t.name == target]
     scored = score_records(config, collect_records(config, spec))
