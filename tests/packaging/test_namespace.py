@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -52,8 +53,11 @@ def test_version_and_collection_entry_point() -> None:
 
 @pytest.mark.slow
 def test_wheel_has_one_top_level_namespace(tmp_path: Path) -> None:
+    # Built from a copy: setuptools writes build/ and *.egg-info into the source folder.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", ".rayllm", "bench", "tests"))
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
