@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.config.base import RowJobConfig, StrictModel
 
 
 class SamplingParams(StrictModel):
@@ -138,8 +138,11 @@ class ModelSpec(StrictModel):
         return self.serve_app or f"rayllm-{self.served_name}"
 
 
-class BatchJobConfig(StrictModel):
+class BatchJobConfig(RowJobConfig):
     """One batch inference job: an OpenAI Batch file or a table in, results and errors out.
+
+    `output`, `id_column`, `max_error_rate`, `ray_address`, `storage_options` and `commit_every_rows`
+    are the fields every row job shares (`RowJobConfig`).
 
     Example:
         ```yaml
@@ -152,18 +155,12 @@ class BatchJobConfig(StrictModel):
     """
 
     input: str = Field(description="fsspec URL of an OpenAI Batch JSONL file or a JSONL/Parquet table")
-    output: str = Field(description="fsspec URL of the output folder (results, errors, manifest)")
     input_format: Literal["auto", "openai_batch", "jsonl", "parquet"] = Field(
         "auto", description="auto: .parquet is a table; JSONL with custom_id+body is OpenAI Batch"
     )
-    id_column: str | None = Field(None, description="tables: column holding a unique row id")
     model: ModelSpec
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     prompt: PromptTemplate | None = Field(None, description="tables: the chat prompt template")
-    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
-    ray_address: str | None = Field(None, description="None: local Ray; 'auto' or ray://host:10001")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (e.g. client_kwargs.endpoint_url)")
-    commit_every_rows: int = Field(500, ge=1, description="rows per committed part file: the most a crash can lose")
 
     @model_validator(mode="after")
     def _table_needs_prompt(self) -> BatchJobConfig:
@@ -205,7 +202,7 @@ class ChainStep(StrictModel):
         return self
 
 
-class ChainJobConfig(StrictModel):
+class ChainJobConfig(RowJobConfig):
     """A table through ordered LLM steps; each step reads input columns and earlier steps' outputs.
 
     Example:
@@ -219,14 +216,8 @@ class ChainJobConfig(StrictModel):
     """
 
     input: str = Field(description="fsspec URL of a JSONL or Parquet table")
-    output: str = Field(description="fsspec URL of the output folder")
     input_format: Literal["auto", "jsonl", "parquet"] = "auto"
-    id_column: str | None = None
     steps: list[ChainStep] = Field(min_length=1)
-    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
-    ray_address: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    commit_every_rows: int = Field(500, ge=1)
 
     @model_validator(mode="after")
     def _steps_are_distinct(self) -> ChainJobConfig:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.config.base import OutputJobConfig
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec, SamplingParams
 from prefect_rayllm.rayllm_stages.curation.decode import DecodeConfig, DecodeImages
 from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig, FetchImages, object_column
@@ -79,7 +79,7 @@ RECORD_FIELDS = ("uri", "row_index", *METADATA, "caption", "scores", "tokens_in"
 CONTACT_SHEET = "contact_sheet.png"
 
 
-class CurationConfig(StrictModel):
+class CurationConfig(OutputJobConfig):
     """One curation run. Example:
 
     ```yaml
@@ -91,7 +91,6 @@ class CurationConfig(StrictModel):
     """
 
     source: ImageSourceConfig
-    output: str = Field(description="fsspec URL of the output folder")
     model: ModelSpec
     prompt: str = Field(DEFAULT_PROMPT)
     json_schema: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_SCORE_SCHEMA))
@@ -105,8 +104,6 @@ class CurationConfig(StrictModel):
     contact_sheet_images: int = Field(
         24, ge=0, le=96, description="images on the contact sheet, half kept, half rejected (0: none)"
     )
-    ray_address: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output")
 
     @model_validator(mode="after")
     def _fetch_uses_source_credentials(self) -> CurationConfig:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.config.base import OutputJobConfig, StrictModel
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec, PromptTemplate, SamplingParams
 from prefect_rayllm.rayllm_stages.evaluation.metrics import JudgeMetric, MetricSpec, check_metric_names
 from prefect_rayllm.rayllm_stages.evaluation.stats import BootstrapConfig, GateConfig, check_gate_metrics
@@ -67,7 +67,7 @@ class BaselineConfig(StrictModel):
         return self
 
 
-class EvaluationConfig(StrictModel):
+class EvaluationConfig(OutputJobConfig):
     """One evaluation: every target answers every example, then scores, baseline deltas and a gate.
 
     Example:
@@ -84,7 +84,6 @@ class EvaluationConfig(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the evaluation across runs (baseline lookup)")
     dataset: EvalDataset
-    output: str = Field(description="fsspec URL of the output folder")
     targets: list[EvalTarget] = Field(min_length=1)
     prompt: PromptTemplate = Field(
         default_factory=lambda: PromptTemplate(user="{{ input }}"), description="the question as the target sees it"
@@ -95,9 +94,6 @@ class EvaluationConfig(StrictModel):
     baseline: BaselineConfig | None = None
     gate: GateConfig = Field(default_factory=GateConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
-    ray_address: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (dataset and output)")
-    commit_every_rows: int = Field(500, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluationConfig:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.config.base import JobConfig, StrictModel
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 from prefect_rayllm.rayllm_stages.evaluation.config import EvalTarget, EvaluationConfig
 
@@ -65,7 +65,7 @@ class RolloutTimeouts(StrictModel):
     drain_s: float = Field(2.0, ge=0, description="wait after a traffic shift before deleting a version")
 
 
-class RolloutConfig(StrictModel):
+class RolloutConfig(JobConfig):
     """A rollout of one model version to one endpoint.
 
     Example:
@@ -98,7 +98,6 @@ class RolloutConfig(StrictModel):
         default_factory=lambda: [CanaryStep(percent=10), CanaryStep(percent=50), CanaryStep(percent=100)]
     )
     timeouts: RolloutTimeouts = Field(default_factory=RolloutTimeouts)
-    ray_address: str | None = None
 
     @field_validator("route_prefix")
     @classmethod
