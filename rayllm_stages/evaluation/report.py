@@ -56,8 +56,10 @@ def _percent(confidence: float) -> str:
 
 def _metrics_section(summary: TargetSummary) -> list[str]:
     rows = [[m.name, _number(m.mean), _interval(m.ci_low, m.ci_high), m.n, m.n_missing] for m in summary.metrics.values()]
-    return [f"### Metrics: {_cell(summary.target)}", ""] + _table(
-        ["metric", "mean", _percent(summary.confidence), "n", "missing"], rows
+    return (
+        [f"### Metrics: {_cell(summary.target)}", ""]
+        + _table(["metric", "mean", _percent(summary.confidence), "n", "missing"], rows)
+        + ["Intervals: Wilson score for 0/1 metrics, percentile bootstrap for the others.", ""]
     )
 
 

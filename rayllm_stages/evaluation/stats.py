@@ -1,17 +1,23 @@
-"""Evaluation statistics: means with bootstrap intervals, baseline deltas, the gate, scores files.
+"""Evaluation statistics: means with intervals, baseline deltas, the gate, scores files.
 
     scored = [score_example(metrics, r) for r in records]            # eval_metrics
     summary = summarize("small-model", scored, BootstrapConfig())
     deltas = compare(scored, baseline_scored, BootstrapConfig())     # baseline: a previous scores file
     verdict = apply_gate(GateConfig(min={"exact_match": 0.8}), summary, deltas)
 
-Intervals are percentile bootstrap intervals, deterministic for a given seed.
+Intervals of a mean: for a 0/1 metric (every value 0 or 1: exact match, contains, JSON valid, ...)
+the Wilson score interval, which stays honest at small n (20 of 20 correct gives [0.839, 1.0], not
+the bootstrap's [1.0, 1.0]: resampling 20 ones only ever yields ones); for any other metric a
+percentile bootstrap interval, deterministic for a given seed. Deltas against a baseline use the
+bootstrap.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -28,7 +34,7 @@ _EPSILON = 1e-9
 
 class BootstrapConfig(StrictModel):
     samples: int = Field(1000, ge=100, description="Bootstrap resamples")
-    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Interval coverage")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Interval coverage (Wilson and bootstrap intervals)")
     seed: int = 0
 
 
@@ -41,6 +47,9 @@ class MetricSummary(StrictModel):
     ci_high: float | None
     n: int
     n_missing: int
+    interval: Literal["wilson", "bootstrap"] | None = Field(
+        None, description="how ci_low/ci_high were found: Wilson score (0/1 metrics) or percentile bootstrap"
+    )
 
 
 class TargetSummary(StrictModel):
@@ -125,17 +134,49 @@ def _interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (`successes` of `n`), for 0/1 outcomes.
+
+    Unlike the bootstrap (or the normal approximation) it does not collapse to a point when every
+    outcome is the same: 20 of 20 gives [0.839, 1.0] at 95%, 0 of 10 gives [0.0, 0.278].
+
+    Raises:
+        ValueError: n is not positive, or successes is outside [0, n].
+    """
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes} of {n}")
+    z = float(NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0))
+    p, z2 = successes / n, z * z
+    denominator = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n)) / denominator
+    # At p = 0 or 1 the bound is exactly 0 or 1 (the formula lands a rounding error off it).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def is_binary(values: np.ndarray) -> bool:
+    """Every value is 0 or 1: a proportion, which gets the Wilson interval."""
+    return bool(values.size) and bool(np.all((values == 0.0) | (values == 1.0)))
+
+
 def summarize_metric(name: str, values: Sequence[float | None], bootstrap: BootstrapConfig) -> MetricSummary:
-    """Mean and percentile bootstrap interval of the non-None values."""
+    """Mean and interval of the non-None values: Wilson for 0/1 values, else percentile bootstrap."""
     present = np.array([v for v in values if v is not None], dtype=float)
     n, missing = int(present.size), len(values) - int(present.size)
     if n == 0:
         return MetricSummary(name=name, mean=None, ci_low=None, ci_high=None, n=0, n_missing=missing)
     mean = float(present.mean())
+    if is_binary(present):
+        low, high = wilson_interval(int(present.sum()), n, bootstrap.confidence)
+        return MetricSummary(name=name, mean=mean, ci_low=low, ci_high=high, n=n, n_missing=missing, interval="wilson")
     rng = np.random.default_rng(bootstrap.seed)
     low, high = _interval(_bootstrap_means(present, bootstrap.samples, rng), bootstrap.confidence)
     # Percentiles of a skewed bootstrap distribution can sit a rounding error beside the mean.
-    return MetricSummary(name=name, mean=mean, ci_low=min(low, mean), ci_high=max(high, mean), n=n, n_missing=missing)
+    return MetricSummary(
+        name=name, mean=mean, ci_low=min(low, mean), ci_high=max(high, mean), n=n, n_missing=missing, interval="bootstrap"
+    )
 
 
 def metric_names(scored: Iterable[ScoredExample]) -> list[str]:
