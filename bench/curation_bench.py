@@ -14,7 +14,7 @@ local Ray:
     decode alone : decode_stage over the fetched Dataset (materialised beforehand), materialised
     VLM alone    : caption_stage over the decoded Dataset (materialised beforehand), rows iterated;
                    it includes the vLLM engine start, as the flow does
-    whole (core) : prefect_rayllm.rayllm_stages.curation.pipeline.CurationRun.run (list, fetch -> decode -> VLM in one
+    whole (core) : prefect_rayllm.rayllm_stages.curation.run.CurationRun.run (list, fetch -> decode -> VLM in one
                    streaming pipeline, records committed, rules, dedup, Parquet, contact sheet)
     whole (flow) : the `curate_images` Prefect flow over the same images into a fresh output
 
@@ -161,7 +161,7 @@ def sequential_loop(s3: S3Side, uris: list[str]) -> float:
 
 def iterate(dataset) -> tuple[int, float | None]:
     """Consume a Dataset row by row as the flow does; (rows, seconds to the first row)."""
-    from prefect_rayllm.rayllm_stages.curation.pipeline import stream_rows
+    from prefect_rayllm.rayllm_stages.curation.stages import stream_rows
 
     started, first, rows = time.perf_counter(), None, 0
     for _ in stream_rows(dataset):
@@ -205,16 +205,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> dict[str, Any]:
     from prefect_rayllm.flows.curation import curate_images
-    from prefect_rayllm.rayllm_stages.curation.pipeline import (
-        CurationConfig,
-        CurationRun,
+    from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
+    from prefect_rayllm.rayllm_stages.curation.run import CurationRun
+    from prefect_rayllm.rayllm_stages.curation.source import iter_image_uris
+    from prefect_rayllm.rayllm_stages.curation.stages import (
         caption_stage,
         decode_stage,
         fetch_batch_size,
         fetch_stage,
         image_dataset,
     )
-    from prefect_rayllm.rayllm_stages.curation.source import iter_image_uris
     from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
     from prefect_rayllm.tasks.progress import progress_listener
 

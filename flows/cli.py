@@ -252,7 +252,7 @@ def curate(
     manifest.json. A rerun on the same output resumes. Exit code 2: bad config; 1: the run failed.
     """
     from prefect_rayllm.flows.curation import curate_images
-    from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
+    from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
 
     overrides = {k: v for k, v in {"output": output, "ray_address": ray_address}.items() if v}
     config = _load(CurationConfig, config_file, overrides)

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
+from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
 from prefect_rayllm.tasks.curation import finalize_curation, prepare_curation, publish_curation_report, run_curation
 from prefect_rayllm.tasks.reporting import job_failed_hook
 from prefect_rayllm.tasks.runtime import connect_ray

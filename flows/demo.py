@@ -104,7 +104,7 @@ def _run_curation(s3, workdir: Path) -> dict:
     """A small image corpus (good, broken and duplicate images) curated with a tiny VLM."""
     from prefect_rayllm.flows.cli import run_with_progress
     from prefect_rayllm.flows.curation import curate_images
-    from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
+    from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
     from prefect_rayllm.rayllm_stages.testing.image_corpus import build_corpus
     from prefect_rayllm.rayllm_stages.testing.tiny_vision import build_tiny_vision_model
 

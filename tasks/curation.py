@@ -32,12 +32,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec, SamplingParams
-from prefect_rayllm.rayllm_stages.curation import pipeline as stages
+from prefect_rayllm.rayllm_stages.curation import stages
+from prefect_rayllm.rayllm_stages.curation.config import DEFAULT_PROMPT, CurationConfig
 from prefect_rayllm.rayllm_stages.curation.contact_sheet import compact_for_markdown
 from prefect_rayllm.rayllm_stages.curation.decode import DecodeConfig
 from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig
 from prefect_rayllm.rayllm_stages.curation.filters import FilterConfig
-from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig, CurationExecution, CurationPreparation, CurationRun
+from prefect_rayllm.rayllm_stages.curation.run import CurationExecution, CurationPreparation, CurationRun
+from prefect_rayllm.rayllm_stages.curation.writer import write_outputs
 from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.tasks.batch import EXECUTION_RETRIES, STORAGE_RETRIES
 from prefect_rayllm.tasks.progress import ProgressReporter
@@ -218,7 +220,7 @@ def decode_images(data: Rows, config: DecodeConfig | dict[str, Any] | None = Non
 def caption_images(
     data: Rows,
     model: ModelSpec,
-    prompt: str = stages.DEFAULT_PROMPT,
+    prompt: str = DEFAULT_PROMPT,
     json_schema: dict[str, Any] | None = None,
     sampling: SamplingParams | None = None,
 ) -> Rows:
@@ -286,7 +288,7 @@ def write_curation(
         ```
     """
     records = data.take_all() if hasattr(data, "take_all") else data
-    return stages.write_outputs(
+    return write_outputs(
         records,
         output,
         storage_options=storage_options,

@@ -6,15 +6,25 @@
 Each tile is a thumbnail (`thumb` pixels on its longest edge) with the file name and, for a
 rejected image, the stage and reason under it. An image without bytes (it failed to fetch or
 decode, or could not be read again) becomes a placeholder tile that says why.
+
+`contact_sheet(records, images, fetch)` does it for curation records: `sample_for_sheet` picks
+half kept and half rejected images, their bytes are read again, and the sheet is rendered.
 """
 
 from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig, FetchImages
+from prefect_rayllm.rayllm_stages.curation.funnel import reason_kind
+from prefect_rayllm.rayllm_stages.curation.records import STAGES
 
 BACKGROUND = (246, 246, 244)
 INK = (40, 40, 40)
@@ -109,3 +119,54 @@ def compact_for_markdown(png: bytes, max_bytes: int = 300_000) -> tuple[str, byt
     buffer = io.BytesIO()
     Image.open(io.BytesIO(png)).convert("RGB").save(buffer, format="JPEG", quality=80, optimize=True)
     return "image/jpeg", buffer.getvalue()
+
+
+def sample_for_sheet(records: Sequence[Mapping[str, Any]], images: int) -> tuple[list[Mapping], list[Mapping]]:
+    """Up to `images` records, half kept (spread over URI order), half rejected (stages in turn)."""
+    kept = sorted((r for r in records if not r["stage"]), key=lambda r: r["uri"])
+    by_stage: dict[str, list[Mapping]] = {}
+    for record in sorted((r for r in records if r["stage"]), key=lambda r: r["uri"]):
+        by_stage.setdefault(record["stage"], []).append(record)
+    rejected: list[Mapping] = []
+    queues = [by_stage[s] for s in [*STAGES, *sorted(set(by_stage) - set(STAGES))] if s in by_stage]
+    while queues and len(rejected) < images:
+        for queue in list(queues):
+            if queue:
+                rejected.append(queue.pop(0))
+            if not queue:
+                queues.remove(queue)
+    want_kept = min(len(kept), max(images // 2, images - len(rejected)))
+    rejected = rejected[: images - want_kept]
+    step = len(kept) / want_kept if want_kept else 1
+    return [kept[int(i * step)] for i in range(want_kept)], rejected
+
+
+def contact_sheet(
+    records: Sequence[Mapping[str, Any]], images: int, fetch: FetchConfig, thumb: int = 96
+) -> tuple[bytes, dict[str, list[str]]]:
+    """A PNG of a sample of kept and rejected images, and the sampled URIs.
+
+    The sample's bytes are read again (with the fetch stage's retries) rather than carried through
+    the pipeline; an image that failed to fetch or decode gets a placeholder tile with its reason.
+    """
+    kept, rejected = sample_for_sheet(records, images)
+    fetcher = FetchImages(fetch)
+
+    def tile(record: Mapping[str, Any]) -> Tile:
+        stage = record["stage"] or "kept"
+        reason = reason_kind(stage, record["reason"]).split(": ", 1)[1] if record["stage"] else ""
+        if stage in ("fetch", "decode"):  # no bytes to show: the tile says why, without the URI
+            detail = record["reason"].removeprefix(f"{record['uri']}: ")
+            return Tile(record["uri"], stage, detail)
+        data, error, _ = fetcher.fetch_one(record["uri"])
+        if error:
+            return Tile(record["uri"], stage, f"{reason} (not readable for the sheet: {error})".strip())
+        try:
+            return Tile(record["uri"], stage, reason, thumbnail(data, thumb))
+        except Exception as exc:
+            return Tile(record["uri"], stage, f"{reason} (not decodable for the sheet: {exc})".strip())
+
+    with ThreadPoolExecutor(8) as pool:
+        kept_tiles, rejected_tiles = list(pool.map(tile, kept)), list(pool.map(tile, rejected))
+    png = render_contact_sheet(kept_tiles, rejected_tiles, thumb=thumb)
+    return png, {"kept": [r["uri"] for r in kept], "rejected": [r["uri"] for r in rejected]}

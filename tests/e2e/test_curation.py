@@ -151,7 +151,8 @@ def test_sigkill_mid_run_then_rerun_computes_only_the_rest(tmp_path, prefect_ser
     captions only the other images, the outputs hold each image once, and the dead run's Ray is
     reaped. Then: a filter change re-filters without the model; a prompt change is refused."""
     from prefect_rayllm.flows.curation import curate_images
-    from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig, CurationRun
+    from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
+    from prefect_rayllm.rayllm_stages.curation.run import CurationRun
     from prefect_rayllm.rayllm_stages.jobs.lifecycle import ResumeRefused
     from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
     from prefect_rayllm.rayllm_stages.testing.image_corpus import encode, pattern_image
@@ -239,7 +240,8 @@ def test_sigkill_mid_run_then_rerun_computes_only_the_rest(tmp_path, prefect_ser
 def test_example_config_lists_the_corpus_made_by_the_cli(tmp_path, monkeypatch):
     """examples/curate-cpu.yaml is valid and, after `rayllm make-image-corpus`, finds its images."""
     from prefect_rayllm.rayllm_stages.config.base import load_config
-    from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig, CurationRun
+    from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
+    from prefect_rayllm.rayllm_stages.curation.run import CurationRun
 
     monkeypatch.chdir(tmp_path)
     config = load_config(CurationConfig, REPO / "examples" / "curate-cpu.yaml")
@@ -257,7 +259,7 @@ def test_a_failed_curation_emits_its_event(tmp_path, prefect_server, ray_session
     from prefect_api import wait_for_event
 
     from prefect_rayllm.flows.curation import curate_images
-    from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
+    from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
 
     output = tmp_path / "out"
     config = CurationConfig.model_validate(

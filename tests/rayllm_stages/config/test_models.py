@@ -102,7 +102,7 @@ def test_example_configs_are_valid():
 
         kinds["rollout"] = RolloutConfig
     if any(p.name.startswith("curate-") for p in paths):
-        from prefect_rayllm.rayllm_stages.curation.pipeline import CurationConfig
+        from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
 
         kinds["curate"] = CurationConfig
     assert {p.name.split("-")[0] for p in paths} == set(kinds), paths

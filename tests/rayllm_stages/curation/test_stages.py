@@ -309,7 +309,7 @@ def test_stage_tasks_run_alone_on_lists_and_on_a_dataset(tmp_path, prefect_serve
     fetch workers get input."""
     from prefect import flow
 
-    from prefect_rayllm.rayllm_stages.curation.pipeline import fetch_batch_size, image_dataset
+    from prefect_rayllm.rayllm_stages.curation.stages import fetch_batch_size, image_dataset
     from prefect_rayllm.tasks.curation import decode_images, dedup_images, fetch_images, filter_images, write_curation
 
     corpus = build_corpus(str(tmp_path / "corpus"))

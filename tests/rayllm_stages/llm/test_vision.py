@@ -32,7 +32,7 @@ def test_images_get_schema_valid_captions_and_scores(ray_session, tiny_vlm):
     import jsonschema
 
     from prefect_rayllm.rayllm_stages.config.models import ModelSpec, SamplingParams
-    from prefect_rayllm.rayllm_stages.curation.pipeline import caption_stage, decode_stage
+    from prefect_rayllm.rayllm_stages.curation.stages import caption_stage, decode_stage
     from prefect_rayllm.rayllm_stages.llm.vision import DEFAULT_SCORE_SCHEMA
 
     fetched = [{"uri": f"s3://b/img{i}.png", "image_bytes": _png(i), "fetch_error": "", "fetch_attempts": 1} for i in range(10)]
