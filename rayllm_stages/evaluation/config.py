@@ -12,6 +12,7 @@ from prefect_rayllm.rayllm_stages.config.base import OutputJobConfig, StrictMode
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec, PromptTemplate, SamplingParams
 from prefect_rayllm.rayllm_stages.evaluation.metrics import JudgeMetric, MetricSpec, check_metric_names
 from prefect_rayllm.rayllm_stages.evaluation.stats import BootstrapConfig, GateConfig, check_gate_metrics
+from prefect_rayllm.rayllm_stages.llm.prompts import template_fields
 
 DEFAULT_JUDGE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -21,6 +22,8 @@ DEFAULT_JUDGE_SCHEMA: dict[str, Any] = {
 # Columns the evaluation adds to each dataset row; a dataset column of the same name is refused.
 PREDICTION_COLUMN = "prediction"
 JUDGEMENT_COLUMN = "judgement"
+# What a judge rubric calls the expected answer, whatever the dataset's reference_field is named.
+REFERENCE_FIELD = "reference"
 
 
 class EvalDataset(StrictModel):
@@ -45,7 +48,10 @@ class JudgeConfig(StrictModel):
     """A second model that grades each answer with a rubric; its reply must match `json_schema`."""
 
     model: ModelSpec
-    rubric: PromptTemplate = Field(description="fields: the dataset's columns, `prediction`, and `reference`")
+    rubric: PromptTemplate = Field(
+        description="fields: the dataset's columns, `prediction` (the target's answer) and `reference` (the value of "
+        "the dataset's reference_field)"
+    )
     json_schema: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_JUDGE_SCHEMA))
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=32))
 
@@ -107,6 +113,18 @@ class EvaluationConfig(OutputJobConfig):
             raise ValueError("a metric of type 'judge' needs the judge section (model and rubric)")
         if self.judge is not None and not judged:
             raise ValueError("judge is configured but no metric of type 'judge' uses it; add {type: judge}")
+        if self.judge is not None and rubric_uses_reference(self.judge.rubric):
+            field = self.dataset.reference_field
+            if field is None:
+                raise ValueError(
+                    f"judge.rubric uses {REFERENCE_FIELD!r}, but dataset.reference_field is null; set it to the column "
+                    "holding the expected answer"
+                )
+            if not field.isidentifier():
+                raise ValueError(
+                    f"judge.rubric uses {REFERENCE_FIELD!r}, but dataset.reference_field {field!r} is not a name a "
+                    "template can read; rename that column"
+                )
         check_gate_metrics(self.gate, [m.name for m in self.metrics])
         if self.baseline and self.baseline.target and self.baseline.target not in names:
             raise ValueError(f"baseline.target {self.baseline.target!r} is not a target (targets: {', '.join(names)})")
@@ -118,3 +136,28 @@ class EvaluationConfig(OutputJobConfig):
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def rubric_uses_reference(rubric: PromptTemplate) -> bool:
+    """Whether a judge rubric reads `reference` (the dataset's reference_field, under that name)."""
+    return any(REFERENCE_FIELD in fields for fields in template_fields(rubric).values())
+
+
+def judge_rubric(config: EvaluationConfig) -> PromptTemplate:
+    """The rubric as the judge renders it over the target's answers (the dataset's columns plus
+    `prediction`): where it reads `reference`, that name is bound to the reference_field's column.
+
+    Example (reference_field `answer`):
+        user: "Expected {{ reference }}; got {{ prediction }}"
+        -> user: "{% set reference = answer %}Expected {{ reference }}; got {{ prediction }}"
+    """
+    assert config.judge is not None
+    rubric, field = config.judge.rubric, config.dataset.reference_field
+    if field is None or field == REFERENCE_FIELD or not rubric_uses_reference(rubric):
+        return rubric
+    uses = template_fields(rubric)
+    bind = "{% set " + REFERENCE_FIELD + " = " + field + " %}"
+    parts = {
+        part: bind + text if REFERENCE_FIELD in uses.get(part, set()) else text for part, text in rubric.model_dump().items()
+    }
+    return PromptTemplate.model_validate(parts)

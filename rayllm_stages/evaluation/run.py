@@ -22,7 +22,14 @@ from pydantic import BaseModel, Field
 
 from prefect_rayllm.rayllm_stages.config.base import ConfigError
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
-from prefect_rayllm.rayllm_stages.evaluation.config import JUDGEMENT_COLUMN, PREDICTION_COLUMN, EvalTarget, EvaluationConfig
+from prefect_rayllm.rayllm_stages.evaluation.config import (
+    JUDGEMENT_COLUMN,
+    PREDICTION_COLUMN,
+    REFERENCE_FIELD,
+    EvalTarget,
+    EvaluationConfig,
+    judge_rubric,
+)
 from prefect_rayllm.rayllm_stages.evaluation.metrics import ScoredExample, missing_references, quality_metric_names, score_example
 from prefect_rayllm.rayllm_stages.evaluation.report import render_markdown, render_plots
 from prefect_rayllm.rayllm_stages.evaluation.stats import (
@@ -94,7 +101,7 @@ def judge_chain_config(config: EvaluationConfig, target: EvalTarget) -> ChainJob
             {
                 "name": JUDGE_STEP,
                 "model": config.judge.model,
-                "prompt": config.judge.rubric,
+                "prompt": judge_rubric(config),
                 "sampling": config.judge.sampling,
                 "output_column": JUDGEMENT_COLUMN,
                 "parse": "json",
@@ -121,13 +128,19 @@ def check_evaluation(config: EvaluationConfig) -> int:
     answer_config = answer_chain_config(config, config.targets[0])
     fmt = ChainJob(answer_config).check_input()  # format, id column, template fields (named)
     if config.judge is not None:
-        columns = set(table_columns(source, fmt)) | {PREDICTION_COLUMN}
+        dataset_columns = set(table_columns(source, fmt))
+        columns = dataset_columns | {PREDICTION_COLUMN} | ({REFERENCE_FIELD} if dataset.reference_field else set())
         for part, fields in template_fields(config.judge.rubric).items():
             unknown = sorted(fields - columns)
             if unknown:
                 raise ConfigError(
                     f"judge.rubric.{part} uses {', '.join(map(repr, unknown))}, which is neither a dataset column "
-                    f"nor {PREDICTION_COLUMN!r} (columns: {', '.join(sorted(columns))})"
+                    f"nor {PREDICTION_COLUMN!r} or {REFERENCE_FIELD!r} (columns: {', '.join(sorted(columns))})"
+                )
+            if REFERENCE_FIELD in fields and dataset.reference_field not in dataset_columns:
+                raise ConfigError(
+                    f"judge.rubric.{part} uses {REFERENCE_FIELD!r}, but {dataset.path} has no column "
+                    f"{dataset.reference_field!r} (dataset.reference_field)"
                 )
     examples = list(_dataset_examples(config, source, fmt))
     if not examples:

@@ -13,9 +13,9 @@ import hashlib
 import json
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import JobConfig, StrictModel
+from prefect_rayllm.rayllm_stages.config.base import JobConfig, StrictModel, format_validation_error
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 from prefect_rayllm.rayllm_stages.evaluation.config import EvalTarget, EvaluationConfig
 
@@ -130,7 +130,11 @@ class RolloutConfig(JobConfig):
         if self.evaluation is not None:
             if "targets" in self.evaluation:
                 raise ValueError("evaluation.targets: leave it out; the rollout evaluates the candidate's URL")
-            self.evaluation_config("http://127.0.0.1:1/v1", "v-check")  # refuse a bad evaluation before any engine starts
+            try:  # refuse a bad evaluation before any engine starts
+                self.evaluation_config("http://127.0.0.1:1/v1", "v-check")
+            except ValidationError as exc:
+                problems = format_validation_error(exc, "evaluation", EvaluationConfig).splitlines()[1:]
+                raise ValueError("evaluation is invalid: " + "; ".join(p.strip() for p in problems)) from None
         return self
 
     @property

@@ -99,7 +99,7 @@ def test_step_names_and_json_settings_are_validated():
         validate_config(ChainJobConfig, base)
     base = chain_config(Path("x"), Path("y"), Path("r"), Path("a"))
     base["steps"][1]["parse"] = "json"
-    with pytest.raises(ConfigError, match="steps.1: Value error, parse 'json' needs json_schema"):
+    with pytest.raises(ConfigError, match="steps.1: parse 'json' needs json_schema"):
         validate_config(ChainJobConfig, base)
 
 
