@@ -62,7 +62,7 @@ def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationRes
 # It used to fan out over Ray with prefect-ray's RayTaskRunner: on an external cluster each Ray
 # worker then started its own temporary Prefect server (the driver's API is not reachable from
 # there), which timed out under load and turned a gate into a crash.
-@flow(name="score-targets", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="score-targets", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
 def score_targets(config: EvaluationConfig) -> dict[str, list[ScoredExample]]:
     """Score each target as its own task, in this flow process."""
     futures = {target.name: score_target.submit(config, target.name) for target in config.targets}

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from prefect_rayllm.rayllm_stages.config.base import StrictModel
-from prefect_rayllm.rayllm_stages.curation.decode import hamming
+from prefect_rayllm.rayllm_stages.curation.dedup import DedupResult
+from prefect_rayllm.rayllm_stages.curation.dedup import dedup as dedup_records
 
 
 class FilterConfig(StrictModel):
@@ -71,74 +71,7 @@ def rule_rejections(row: Mapping[str, Any], config: FilterConfig) -> str | None:
     return None
 
 
-class BKTree:
-    """Hamming-distance BK-tree over 64-bit hashes.
-
-    A query within distance d only visits children whose edge distance is within d of the node's,
-    so for small thresholds a lookup touches a small part of the tree instead of every kept image
-    (the O(n^2) all-pairs scan).
-    """
-
-    def __init__(self) -> None:
-        self._root: list[Any] | None = None  # [hash, uri, {distance: child}]
-
-    def add(self, phash: str, uri: str) -> None:
-        node = [phash, uri, {}]
-        if self._root is None:
-            self._root = node
-            return
-        current = self._root
-        while True:
-            distance = hamming(phash, current[0])
-            child = current[2].get(distance)
-            if child is None:
-                current[2][distance] = node
-                return
-            current = child
-
-    def nearest_within(self, phash: str, max_distance: int) -> tuple[int, str] | None:
-        """The closest stored (distance, uri) within `max_distance`; ties go to the smaller URI."""
-        best: tuple[int, str] | None = None
-        stack = [self._root] if self._root is not None else []
-        while stack:
-            node = stack.pop()
-            distance = hamming(phash, node[0])
-            if distance <= max_distance and (best is None or (distance, node[1]) < best):
-                best = (distance, node[1])
-            for edge, child in node[2].items():
-                if distance - max_distance <= edge <= distance + max_distance:
-                    stack.append(child)
-        return best
-
-
-@dataclass
-class DedupResult:
-    """Outcome of `dedup`: kept URIs in URI order and the reason for each dropped one."""
-
-    kept: list[str] = field(default_factory=list)
-    dropped: dict[str, str] = field(default_factory=dict)
-
-
 def dedup(records: Iterable[Mapping[str, Any]], config: FilterConfig) -> DedupResult:
-    """Drop exact (sha256) and near (pHash distance) duplicates, keeping the first by URI order.
-
-    `records` need `uri`, `sha256` and `phash` (decoded rows). Sorting by URI first makes the
-    outcome independent of the order in which Ray returned the rows.
-    """
-    by_sha: dict[str, str] = {}
-    tree = BKTree()
-    result = DedupResult()
-    for record in sorted(records, key=lambda r: str(r["uri"])):
-        uri, sha, phash = str(record["uri"]), str(record["sha256"]), str(record["phash"])
-        if config.exact_dedup and sha in by_sha:
-            result.dropped[uri] = f"exact duplicate of {by_sha[sha]} (same sha256)"
-            continue
-        if config.phash_max_distance is not None and phash:
-            near = tree.nearest_within(phash, config.phash_max_distance)
-            if near is not None:
-                result.dropped[uri] = f"near duplicate of {near[1]} (phash distance {near[0]})"
-                continue
-            tree.add(phash, uri)
-        by_sha.setdefault(sha, uri)
-        result.kept.append(uri)
-    return result
+    """Drop exact (sha256) and near (pHash distance) duplicates, keeping the first by URI order
+    (`curation.dedup`: multi-index hashing, a million records in seconds)."""
+    return dedup_records(records, exact=config.exact_dedup, max_distance=config.phash_max_distance)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import random
 
 import numpy as np
 import pyarrow as pa
@@ -22,11 +21,10 @@ from prefect_rayllm.rayllm_stages.curation.decode import (
     DecodeError,
     DecodeImages,
     decode_image,
-    hamming,
     image_message,
 )
 from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig, FetchImages
-from prefect_rayllm.rayllm_stages.curation.filters import BKTree, FilterConfig, dedup, rule_rejections
+from prefect_rayllm.rayllm_stages.curation.filters import FilterConfig, dedup, rule_rejections
 from prefect_rayllm.rayllm_stages.curation.source import ImageSourceConfig, iter_image_uris
 from prefect_rayllm.rayllm_stages.testing.image_corpus import (
     MISSING_NAME,
@@ -287,19 +285,6 @@ def test_rules_and_dedup():
         "s3://b/d": "near duplicate of s3://b/a (phash distance 3)",
     }
     assert dedup(records, FilterConfig(phash_max_distance=None, exact_dedup=False)).dropped == {}
-
-
-def test_bktree_agrees_with_brute_force():
-    rng = random.Random(3)
-    centres = [rng.getrandbits(64) for _ in range(300)]
-    hashes = [f"{c ^ (1 << rng.randrange(64)) ^ (1 << rng.randrange(64)):016x}" for c in centres for _ in range(4)]
-    tree = BKTree()
-    for i, h in enumerate(hashes[:600]):
-        tree.add(h, f"u{i:04d}")
-    for h in hashes[600:700]:
-        brute = min(((hamming(h, k), f"u{i:04d}") for i, k in enumerate(hashes[:600])), default=None)
-        expected = brute if brute and brute[0] <= 4 else None
-        assert tree.nearest_within(h, 4) == expected
 
 
 def test_stage_tasks_run_alone_on_lists_and_on_a_dataset(tmp_path, prefect_server, ray_session):
