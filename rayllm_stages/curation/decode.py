@@ -21,6 +21,7 @@ from prefect_rayllm.rayllm_stages.config.base import StrictModel
 from prefect_rayllm.rayllm_stages.curation.fetch import object_column
 
 EXIF_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
 INT_COLUMNS = frozenset({"width", "height", "norm_width", "norm_height", "frames", "orientation", "byte_size"})
 
 DECODE_COLUMNS = (
@@ -69,17 +70,40 @@ def dct_matrix(size: int) -> np.ndarray:
 _DCT32 = dct_matrix(32)
 
 
+FLAT_PREFIX = "flat-"
+# Below this grey-level standard deviation (of the 32x32 reduction, 0-255 scale) an image has no
+# detail for pHash to describe: its bits come from rounding noise, so two flat images of different
+# colours land a few bits apart by chance. Such an image gets a colour key instead of a pHash.
+FLAT_MAX_STD = 2.0
+
+
 def perceptual_hash(image: Image.Image) -> str:
-    """64-bit DCT pHash as 16 hex digits.
+    """64-bit DCT pHash as 16 hex digits, or `flat-RRGGBB` for an image without detail.
 
     The image is reduced to 32x32 grayscale; the 8x8 lowest DCT frequencies are compared with their
     median. Re-encoding and resizing barely move those frequencies, so near-duplicates land a few
-    bits apart while different images differ in about half of the 64 bits.
+    bits apart while different images differ in about half of the 64 bits. A flat image (grey
+    standard deviation under `FLAT_MAX_STD`) gets its mean colour instead, so flat images are
+    duplicates only of flat images of about the same colour (`dedup`).
     """
-    gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    small = image.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
+    gray = np.asarray(small.convert("L"), dtype=np.float64)
+    if gray.std() < FLAT_MAX_STD:
+        red, green, blue = (round(c) for c in np.asarray(small, dtype=np.float64).reshape(-1, 3).mean(axis=0))
+        return f"{FLAT_PREFIX}{red:02x}{green:02x}{blue:02x}"
     low = (_DCT32 @ gray @ _DCT32.T)[:8, :8].flatten()
     bits = low > np.median(low[1:])  # the DC term only says how bright the image is
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def is_flat(phash: str) -> bool:
+    return phash.startswith(FLAT_PREFIX)
+
+
+def flat_colour(phash: str) -> tuple[int, int, int]:
+    """The mean colour of a flat image's key (`flat-RRGGBB`)."""
+    value = phash[len(FLAT_PREFIX) :]
+    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
 
 
 def hamming(a: str, b: str) -> int:
@@ -137,13 +161,21 @@ def encode(image: Image.Image, config: DecodeConfig) -> bytes:
 
 
 def decode_image(data: bytes, config: DecodeConfig) -> dict[str, Any]:
-    """The decode columns for one image's bytes; raises `DecodeError` with the reason."""
+    """The decode columns for one image's bytes; raises `DecodeError` with the reason.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that still covers `max_edge`
+    (Pillow's `draft`): a 12 MP photo then costs a fraction of a full decode, and the reduced image
+    is what gets converted, normalised and hashed. Width and height stay the original's.
+    """
     image = open_checked(data, config.max_pixels)
     source_format = image.format or "unknown"
     frames = int(getattr(image, "n_frames", 1) or 1)
     try:
         image.seek(0)
         orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+        original_size = image.size
+        if image.format == "JPEG":
+            image.draft(None, (config.max_edge, config.max_edge))  # type: ignore[arg-type]
         image.load()
         upright = ImageOps.exif_transpose(image)
         rgb = to_rgb(upright)
@@ -152,7 +184,7 @@ def decode_image(data: bytes, config: DecodeConfig) -> dict[str, Any]:
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         # Truncated or corrupt data surfaces here, when pixels are actually read.
         raise DecodeError(f"cannot decode {source_format} data: {exc}") from None
-    width, height = rgb.size
+    width, height = original_size if orientation not in _SWAPS_AXES else original_size[::-1]
     normalised = rgb.copy()
     normalised.thumbnail((config.max_edge, config.max_edge), Image.Resampling.LANCZOS)
     return {
@@ -197,7 +229,7 @@ class DecodeImages:
     Output columns: `image` (normalised PNG/JPEG bytes, empty on error), `image_mime`, `width`,
     `height` (original size, upright after EXIF orientation), `norm_width`, `norm_height`
     (the normalised image), `format` (source format, e.g. JPEG), `frames`, `orientation` (EXIF tag,
-    1 when absent), `byte_size`, `sha256` (of the fetched bytes), `phash` (16 hex digits),
+    1 when absent), `byte_size`, `sha256` (of the fetched bytes), `phash` (16 hex digits, or `flat-RRGGBB`),
     `decode_error` ("" on success). Rows that failed to fetch pass through untouched apart from
     empty decode columns (their `decode_error` stays "": the fetch error is their reason).
     `image_bytes` is dropped unless `keep_original_bytes`; other columns pass through.

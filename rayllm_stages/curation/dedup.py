@@ -9,7 +9,9 @@ candidate pairs per million, instead of n^2 / 2 comparisons (a million records i
 
 Which image is kept is decided as before, greedily in URI order (so the outcome never depends on
 the order Ray returned rows): an image is dropped when its bytes equal a kept image's, or when a
-kept image lies within the distance (the closest one is named; ties go to the smaller URI).
+kept image lies within the distance (the closest one is named; ties go to the smaller URI). A flat
+image (no detail, so its pHash would be noise: `decode.perceptual_hash`) has a colour key instead,
+and is a duplicate only of a kept flat image of the same colour.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from prefect_rayllm.rayllm_stages.curation.decode import flat_colour, is_flat
+
+FLAT_COLOUR_TOLERANCE = 12  # levels of 255 per channel: re-encoding moves a flat colour a few
 _BRUTE_FORCE_MAX = 4096  # unique hashes; below this, comparing all pairs is cheaper than sorting
 
 
@@ -130,6 +135,28 @@ def _neighbours(phashes: Sequence[str], max_distance: int) -> tuple[np.ndarray, 
     return inverse, close
 
 
+class _FlatColours:
+    """Kept flat images by mean colour; another flat image within `FLAT_COLOUR_TOLERANCE` levels
+    (on every channel) of one of them is its near duplicate."""
+
+    def __init__(self) -> None:
+        self.colours: list[tuple[int, int, int]] = []
+        self.keys: list[str] = []
+        self.uris: list[str] = []
+
+    def nearest(self, key: str) -> tuple[int, str, str] | None:
+        if not self.colours:
+            return None
+        distance = np.abs(np.array(self.colours) - np.array(flat_colour(key))).max(axis=1)
+        best = int(np.argmin(distance))  # kept in URI order: ties go to the smaller URI
+        return (int(distance[best]), self.uris[best], self.keys[best]) if distance[best] <= FLAT_COLOUR_TOLERANCE else None
+
+    def add(self, key: str, uri: str) -> None:
+        self.colours.append(flat_colour(key))
+        self.keys.append(key)
+        self.uris.append(uri)
+
+
 def dedup_columns(
     uris: Sequence[str],
     sha256s: Sequence[str],
@@ -140,17 +167,27 @@ def dedup_columns(
 ) -> DedupResult:
     """`dedup` over three parallel columns (an empty pHash: the image is only checked for exact copies)."""
     order = sorted(range(len(uris)), key=uris.__getitem__)
-    with_hash = [i for i in order if phashes[i]] if max_distance is not None else []
+    with_hash = [i for i in order if phashes[i] and not is_flat(phashes[i])] if max_distance is not None else []
     slot = {record: position for position, record in enumerate(with_hash)}
     inverse, close = _neighbours([phashes[i] for i in with_hash], max_distance or 0)
     kept_for_hash: dict[int, str] = {}  # unique hash -> the first kept URI that has it
     kept_for_sha: dict[str, str] = {}
+    flat = _FlatColours()
     result = DedupResult()
     for record in order:
-        uri, sha = uris[record], sha256s[record]
+        uri, sha, phash = uris[record], sha256s[record], phashes[record]
         if exact and sha in kept_for_sha:
             result.dropped[uri] = f"exact duplicate of {kept_for_sha[sha]} (same sha256)"
             continue
+        if max_distance is not None and is_flat(phash):
+            near = flat.nearest(phash)
+            if near is not None:
+                result.dropped[uri] = (
+                    f"near duplicate of {near[1]} (both flat images, colours #{phash[5:]} and #{near[2][5:]} "
+                    f"{near[0]} levels apart; pHash is not compared where an image has no detail)"
+                )
+                continue
+            flat.add(phash, uri)
         position = slot.get(record)
         if position is not None:
             own = int(inverse[position])
