@@ -14,7 +14,7 @@ local Ray:
     decode alone : decode_stage over the fetched Dataset (materialised beforehand), materialised
     VLM alone    : caption_stage over the decoded Dataset (materialised beforehand), rows iterated;
                    it includes the vLLM engine start, as the flow does
-    whole (core) : prefect_rayllm.rayllm_stages.curation.run.CurationRun.run (list, fetch -> decode -> VLM in one
+    whole (core) : prefect_rayllm.rayllm_stages.curation.run.CurationJob.run (list, fetch -> decode -> VLM in one
                    streaming pipeline, records committed, rules, dedup, Parquet, contact sheet)
     whole (flow) : the `curate_images` Prefect flow over the same images into a fresh output
 
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> dict[str, Any]:
     from prefect_rayllm.flows.curation import curate_images
     from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
-    from prefect_rayllm.rayllm_stages.curation.run import CurationRun
+    from prefect_rayllm.rayllm_stages.curation.run import CurationJob
     from prefect_rayllm.rayllm_stages.curation.source import iter_image_uris
     from prefect_rayllm.rayllm_stages.curation.stages import (
         caption_stage,
@@ -274,10 +274,10 @@ def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> di
         print(f"[{number}] VLM alone: {r['vlm_s']:.1f} s (first row after {first:.1f} s)", flush=True)
 
         first_record = FirstRecord()
-        r["core_s"], core = timed(lambda: CurationRun(cfg).run(overwrite=True, on_progress=first_record.start()))
+        r["core_s"], core = timed(lambda: CurationJob(cfg).run(overwrite=True, on_progress=first_record.start()))
         r["core_first_records_s"] = first_record.seconds
         print(
-            f"[{number}] whole (rayllm_stages CurationRun): {r['core_s']:.1f} s (16 records after {first_record.seconds:.1f} s)",
+            f"[{number}] whole (rayllm_stages CurationJob): {r['core_s']:.1f} s (16 records after {first_record.seconds:.1f} s)",
             flush=True,
         )
         with progress_listener(first_record.start()):
@@ -285,8 +285,16 @@ def measure(args: argparse.Namespace, s3: S3Side, model: Path, work: Path) -> di
         r["flow_first_records_s"] = first_record.seconds
         print(f"[{number}] whole (Prefect flow): {r['flow_s']:.1f} s (16 records after {first_record.seconds:.1f} s)", flush=True)
         for manifest in (core, flow):
-            assert manifest["input"] == manifest["curated"] + manifest["rejected"] == len(uris), manifest
-        r["manifest"] = {k: flow[k] for k in ("input", "curated", "rejected", "rejected_by_stage", "fetch", "tokens")}
+            assert manifest.counts.total == manifest.counts.completed + manifest.counts.failed == len(uris), manifest
+        assert flow.curation is not None
+        r["manifest"] = {
+            "input": flow.counts.total,
+            "curated": flow.counts.completed,
+            "rejected": flow.counts.failed,
+            "rejected_by_stage": flow.curation.rejected_by_stage,
+            "fetch": flow.curation.fetch,
+            "tokens": {"in": flow.throughput.tokens_in, "out": flow.throughput.tokens_out},
+        }
         r["load_end"] = os.getloadavg()[0]
         return r
 
@@ -340,7 +348,7 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> tuple[str, dict[str, 
         f"| decode alone (decode stage over fetched bytes) | {r['decode_s']:.1f} | {n / r['decode_s']:.1f} |",
         f"| VLM alone (caption stage over decoded images, engine start included; first row after {r['vlm_first_row_s']:.1f} s) | {r['vlm_s']:.1f} | {n / r['vlm_s']:.1f} |",
         f"| sum of the three | {total:.1f} | |",
-        f"| whole, rayllm_stages (CurationRun.run; first records after {r['core_first_records_s']:.1f} s) | {r['core_s']:.1f} | {n / r['core_s']:.1f} |",
+        f"| whole, rayllm_stages (CurationJob.run; first records after {r['core_first_records_s']:.1f} s) | {r['core_s']:.1f} | {n / r['core_s']:.1f} |",
         f"| whole, Prefect flow (curate_images; first records after {r['flow_first_records_s']:.1f} s) | {r['flow_s']:.1f} | {n / r['flow_s']:.1f} |",
         f"| plain sequential s3fs loop (cat_file, one by one) | {r['sequential_s']:.1f} | {n / r['sequential_s']:.1f} |",
         "",

@@ -8,12 +8,12 @@ from prefect_rayllm.flows.jobs import run_job
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.batch import finalize_batch, prepare_batch, run_batch
-from prefect_rayllm.tasks.reporting import ErrorRateExceeded, publish_batch_report
+from prefect_rayllm.tasks.reporting import ErrorRateExceeded, job_failed_hook, publish_batch_report
 
 __all__ = ["ErrorRateExceeded", "batch_inference"]
 
 
-@flow(name="batch-inference", validate_parameters=True)
+@flow(name="batch-inference", validate_parameters=True, on_failure=[job_failed_hook("batch")])
 def batch_inference(config: BatchJobConfig, overwrite: bool = False) -> Manifest:
     """Run a batch job: check, resume or start, infer, write results, errors and the manifest.
 

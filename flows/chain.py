@@ -8,10 +8,10 @@ from prefect_rayllm.flows.jobs import run_job
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.chain import finalize_chain, prepare_chain, run_chain_steps
-from prefect_rayllm.tasks.reporting import publish_chain_report
+from prefect_rayllm.tasks.reporting import job_failed_hook, publish_chain_report
 
 
-@flow(name="run-chain", validate_parameters=True)
+@flow(name="run-chain", validate_parameters=True, on_failure=[job_failed_hook("chain")])
 def run_chain(config: ChainJobConfig, overwrite: bool = False) -> Manifest:
     """Run a text-curation chain (e.g. reformat -> answer -> score) with all steps overlapping.
 

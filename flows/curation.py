@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
+from prefect_rayllm.flows.jobs import run_job
 from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.curation import finalize_curation, prepare_curation, publish_curation_report, run_curation
 from prefect_rayllm.tasks.reporting import job_failed_hook
-from prefect_rayllm.tasks.runtime import connect_ray
 
 
 @flow(name="curate-images", validate_parameters=True, on_failure=[job_failed_hook("curation")])
-def curate_images(config: CurationConfig, overwrite: bool = False) -> dict[str, Any]:
+def curate_images(config: CurationConfig, overwrite: bool = False) -> Manifest:
     """Curate images: fetch (retries), decode and check, caption and score with a VLM, filter, dedup.
 
     Fetch, decode and caption run as one streaming Ray Data pipeline; each image's record is
@@ -24,12 +23,16 @@ def curate_images(config: CurationConfig, overwrite: bool = False) -> dict[str, 
         overwrite: Start over when the output holds a run with other images or settings.
 
     Returns:
-        The manifest: counts in, curated, rejected per stage and per reason, fetch retries, and
-        the output URLs (curated.parquet, rejected.parquet, contact_sheet.png, manifest.json).
+        The manifest: counts (images, curated, rejected), and in its `curation` section the
+        rejections per stage and per reason, fetch retries and the contact sheet's sample; the
+        output URLs (curated.parquet, rejected.parquet, contact_sheet.png, manifest.json).
     """
-    connect_ray(config.ray_address)
-    prepare_curation(config, overwrite)
-    execution = run_curation(config)
-    manifest = finalize_curation(config, execution)
-    publish_curation_report(config, manifest)
-    return manifest
+    return run_job(
+        "curation",
+        config,
+        overwrite,
+        prepare=prepare_curation,
+        run=run_curation,
+        finalize=finalize_curation,
+        publish=lambda manifest: publish_curation_report(config, manifest),
+    )

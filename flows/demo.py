@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
+from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.rayllm_stages.testing.local_s3 import start_local_s3
 from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK, build_tiny_chat_model
 
@@ -91,8 +92,8 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
         f"report copied to {local_copy.parent / 'eval-1' / 'report.md'}"
     )
     console.print(
-        f"[bold]image curation:[/] {curation['curated']} of {curation['input']} images kept; rejected by stage: "
-        f"{curation['rejected_by_stage']}; datasets copied to {workdir / 'curation-1'}"
+        f"[bold]image curation:[/] {curation.counts.completed} of {curation.counts.total} images kept; rejected by stage: "
+        f"{curation.counts.errors_by_code}; datasets copied to {workdir / 'curation-1'}"
     )
     console.print(
         "the flow runs' reports and summaries are artifacts in the Prefect UI (run `prefect server start` "
@@ -100,7 +101,7 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
     )
 
 
-def _run_curation(s3, workdir: Path) -> dict:
+def _run_curation(s3, workdir: Path) -> Manifest:
     """A small image corpus (good, broken and duplicate images) curated with a tiny VLM."""
     from prefect_rayllm.flows.cli import run_with_progress
     from prefect_rayllm.flows.curation import curate_images

@@ -12,17 +12,19 @@ from prefect_rayllm.tasks.chain import finalize_chain, prepare_chain, run_chain_
 from prefect_rayllm.tasks.evaluation import (
     GateFailed,
     check_evaluation_input,
-    emit_evaluation_failed,
     gate_failure_message,
     load_baseline,
     publish_evaluation,
     score_target,
     write_evaluation,
 )
+from prefect_rayllm.tasks.reporting import job_failed_hook
 from prefect_rayllm.tasks.runtime import connect_ray
 
 
-@flow(name="evaluate", validate_parameters=True, on_failure=[emit_evaluation_failed])
+# Whatever fails the run (the gate, a bad dataset, an engine): `rayllm.evaluation.failed` with the
+# reason; `rayllm.evaluation.completed` has already told the verdict when the gate was reached.
+@flow(name="evaluate", validate_parameters=True, on_failure=[job_failed_hook("evaluation", key="name", unknown="unnamed")])
 def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationResult:
     """Evaluate every target on the dataset; compare with the baseline; apply the gate.
 

@@ -35,10 +35,15 @@ from prefect_rayllm.tasks.endpoints import (
     wait_healthy,
 )
 from prefect_rayllm.tasks.locks import endpoint_lock
+from prefect_rayllm.tasks.reporting import job_failed_hook
 from prefect_rayllm.tasks.runtime import connect_ray
 
 
-@flow(name="rollout-endpoint", validate_parameters=True)
+@flow(
+    name="rollout-endpoint",
+    validate_parameters=True,
+    on_failure=[job_failed_hook("rollout", key="endpoint", resource="endpoint")],
+)
 def rollout_endpoint(config: RolloutConfig) -> RolloutReport:
     """Roll the candidate out to the endpoint, or leave the current version serving.
 
@@ -51,7 +56,8 @@ def rollout_endpoint(config: RolloutConfig) -> RolloutReport:
 
     Raises:
         RolloutRolledBack: a check failed and the previous version serves all traffic again
-            (the exception carries the report; the flow run ends Failed).
+            (the exception carries the report; the flow run ends Failed, and its failure hook
+            emits `rayllm.rollout.rolled_back`; any other failure emits `rayllm.rollout.failed`).
     """
     # One rollout per endpoint at a time, whoever starts it (deployment, automation, Python):
     # another waits here for the global concurrency limit rollout-<endpoint>.

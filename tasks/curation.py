@@ -1,8 +1,9 @@
 """Curation tasks.
 
-The flow's tasks run one resumable, streaming pipeline: `prepare_curation`, `run_curation`
-(fetch -> decode -> caption in one lazy Ray Data pipeline, records committed as they arrive),
-`finalize_curation` (rules, dedup, outputs, contact sheet) and `publish_curation_report`.
+The flow's tasks are the shared job lifecycle (`jobs.lifecycle`) of one resumable, streaming
+pipeline: `prepare_curation`, `run_curation` (fetch -> decode -> caption in one lazy Ray Data
+pipeline, records committed as they arrive), `finalize_curation` (rules, dedup, outputs, contact
+sheet, the manifest) and `publish_curation_report`.
 
 The stage tasks are the same stages one at a time, for flows of your own: `fetch_images`,
 `decode_images`, `caption_images`, `filter_images`, `dedup_images`, `write_curation`. Each takes
@@ -38,12 +39,14 @@ from prefect_rayllm.rayllm_stages.curation.contact_sheet import compact_for_mark
 from prefect_rayllm.rayllm_stages.curation.decode import DecodeConfig
 from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig
 from prefect_rayllm.rayllm_stages.curation.filters import FilterConfig
-from prefect_rayllm.rayllm_stages.curation.run import CurationExecution, CurationPreparation, CurationRun
+from prefect_rayllm.rayllm_stages.curation.run import CurationJob
 from prefect_rayllm.rayllm_stages.curation.writer import write_outputs
 from prefect_rayllm.rayllm_stages.io.storage import Location
+from prefect_rayllm.rayllm_stages.jobs.lifecycle import Execution, Preparation
+from prefect_rayllm.rayllm_stages.jobs.manifest import CurationSection, Manifest
 from prefect_rayllm.tasks.batch import EXECUTION_RETRIES, STORAGE_RETRIES
 from prefect_rayllm.tasks.progress import ProgressReporter
-from prefect_rayllm.tasks.reporting import artifact_key, emit_job_event
+from prefect_rayllm.tasks.reporting import artifact_key
 
 Rows = Any  # a ray.data.Dataset or a list of row dicts
 
@@ -52,52 +55,67 @@ Rows = Any  # a ray.data.Dataset or a list of row dicts
 
 
 @task(name="prepare-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def prepare_curation(config: CurationConfig, overwrite: bool = False) -> CurationPreparation:
+def prepare_curation(config: CurationConfig, overwrite: bool = False) -> Preparation:
     """List the images and start, resume, or refuse (another run's settings in the output).
 
     Raises:
-        ResumeRefused: the output holds a run with other images or settings and not `overwrite`.
+        ResumeRefused: the output holds a run with other settings and not `overwrite`.
+
+    Example:
+        ```python
+        @flow
+        def how_many(config: CurationConfig) -> int:
+            return prepare_curation(config).total_rows
+        ```
     """
-    preparation = CurationRun(config).prepare(overwrite=overwrite)
+    preparation = CurationJob(config).prepare(overwrite=overwrite)
     logger = get_run_logger()
     if preparation.resumed:
-        logger.info("resuming %s: %d of %d images already have a record", config.output, preparation.done, preparation.total)
+        logger.info(
+            "resuming %s: %d of %d images already have a record", config.output, preparation.done_rows, preparation.total_rows
+        )
     else:
-        logger.info("starting %s: %d images", config.output, preparation.total)
+        logger.info("starting %s: %d images", config.output, preparation.total_rows)
     return preparation
 
 
 @task(name="curate-images", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
-def run_curation(config: CurationConfig) -> CurationExecution:
+def run_curation(config: CurationConfig) -> Execution:
     """Fetch, decode, caption and score every image without a record, as one streaming pipeline;
     records are committed as they arrive, so a retry resumes where this stopped."""
     reporter = ProgressReporter(artifact_key("curation-progress", config.output), "Curation")
-    execution = CurationRun(config).execute(on_progress=reporter)
+    execution = CurationJob(config).execute(on_progress=reporter)
     get_run_logger().info(
         "attempt %d: %d images through the pipeline (%d rejected on the way) in %.1f s",
         execution.attempt,
-        execution.images,
-        execution.rejected,
+        execution.rows,
+        execution.errors,
         execution.seconds,
     )
     return execution
 
 
 @task(name="finalize-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def finalize_curation(config: CurationConfig, execution: CurationExecution | None = None) -> dict[str, Any]:
+def finalize_curation(config: CurationConfig, execution: Execution | None = None, flow_run_id: str | None = None) -> Manifest:
     """Rules and dedup over all records; curated/rejected Parquet, contact sheet and manifest."""
-    manifest = CurationRun(config).finalize(execution)
+    manifest = CurationJob(config).finalize(flow_run_id=flow_run_id, execution=execution)
     get_run_logger().info(
         "%d images: %d curated, %d rejected (%s)",
-        manifest["input"],
-        manifest["curated"],
-        manifest["rejected"],
-        manifest["rejected_by_stage"],
+        manifest.counts.total,
+        manifest.counts.completed,
+        manifest.counts.failed,
+        _section(manifest).rejected_by_stage,
     )
     return manifest
 
 
-def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _section(manifest: Manifest) -> CurationSection:
+    if manifest.curation is None:
+        raise ValueError(f"not a curation manifest (job {manifest.job!r})")
+    return manifest.curation
+
+
+def stage_rows(manifest: Manifest) -> list[dict[str, Any]]:
     """The per-stage table: images in, passed and rejected per stage, with the reasons counted."""
     rows = [
         {
@@ -107,37 +125,39 @@ def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             "rejected": s["rejected"],
             "rejected because": "; ".join(f"{reason}: {count}" for reason, count in s["reasons"].items()),
         }
-        for s in manifest["funnel"]
+        for s in _section(manifest).funnel
     ]
+    counts = manifest.counts
     return rows + [
         {
             "stage": "curated",
-            "images in": manifest["input"],
-            "passed": manifest["curated"],
-            "rejected": manifest["rejected"],
+            "images in": counts.total,
+            "passed": counts.completed,
+            "rejected": counts.failed,
             "rejected because": "",
         }
     ]
 
 
-def report_markdown(manifest: dict[str, Any], sheet: tuple[str, bytes] | None) -> str:
+def report_markdown(manifest: Manifest, sheet: tuple[str, bytes] | None) -> str:
     """The report: counts, the funnel, reasons, fetch retries, the contact sheet inline, outputs."""
-    fetch = manifest["fetch"]
+    section, counts = _section(manifest), manifest.counts
+    fetch = section.fetch
     lines = [
         "# Image curation",
         "",
-        f"{manifest['curated']:,} of {manifest['input']:,} images kept with `{manifest['model']['name']}` "
-        f"({manifest.get('images_per_s')} images/s; attempts: "
-        + ", ".join(f"#{a['attempt']} {a['images']} images" for a in manifest.get("attempts", []))
+        f"{counts.completed:,} of {counts.total:,} images kept with `{manifest.model.get('name', '')}` "
+        f"({manifest.throughput.rows_per_s} images/s; attempts: "
+        + ", ".join(f"#{int(a['attempt'])} {int(a['rows'])} images" for a in manifest.attempts)
         + ").",
         "",
         "| stage | images in | passed | rejected |",
         "| --- | --- | --- | --- |",
-        *[f"| {s['stage']} | {s['in']} | {s['passed']} | {s['rejected']} |" for s in manifest["funnel"]],
+        *[f"| {s['stage']} | {s['in']} | {s['passed']} | {s['rejected']} |" for s in section.funnel],
         "",
         "| rejected because | images |",
         "| --- | --- |",
-        *[f"| {reason} | {count} |" for reason, count in manifest["rejected_by_reason"].items()],
+        *[f"| {reason} | {count} |" for reason, count in section.rejected_by_reason.items()],
         "",
         (
             f"Fetch: {fetch['gets']} GETs, {fetch['retries']} retries over {fetch['retried_images']} images, "
@@ -146,37 +166,32 @@ def report_markdown(manifest: dict[str, Any], sheet: tuple[str, bytes] | None) -
     ]
     if sheet is not None:
         mime, data = sheet
-        shown = manifest["contact_sheet"]
+        shown = section.contact_sheet
         lines += [
             "",
-            f"## Contact sheet ({len(shown['kept'])} kept, {len(shown['rejected'])} rejected)",
+            f"## Contact sheet ({len(shown.get('kept', []))} kept, {len(shown.get('rejected', []))} rejected)",
             "",
             f"![contact sheet](data:{mime};base64,{base64.b64encode(data).decode()})",
         ]
-    lines += ["", "| output | location |", "| --- | --- |", *[f"| {k} | `{v}` |" for k, v in manifest["outputs"].items()]]
+    lines += ["", "| output | location |", "| --- | --- |", *[f"| {k} | `{v}` |" for k, v in manifest.outputs.items()]]
     return "\n".join(lines) + "\n"
 
 
 @task(name="publish-curation-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def publish_curation_report(config: CurationConfig, manifest: dict[str, Any]) -> None:
-    """Per-stage table, a markdown report with the contact sheet, and `rayllm.curation.completed`."""
+def publish_curation_report(config: CurationConfig, manifest: Manifest) -> None:
+    """Per-stage table and a markdown report with the contact sheet (the flow then emits
+    `rayllm.curation.completed`)."""
     create_table_artifact(
         stage_rows(manifest),
         key=artifact_key("curation-stages", config.output),
         description="Images per stage, and why they were rejected",
     )
     sheet = None
-    if "contact_sheet" in manifest["outputs"]:
-        with Location(manifest["outputs"]["contact_sheet"], config.storage_options).open("rb") as handle:
+    if "contact_sheet" in manifest.outputs:
+        with Location(manifest.outputs["contact_sheet"], config.storage_options).open("rb") as handle:
             sheet = compact_for_markdown(handle.read())
     create_markdown_artifact(
         report_markdown(manifest, sheet), key=artifact_key("curation-report", config.output), description="Curation report"
-    )
-    emit_job_event(
-        "curation",
-        "completed",
-        config.output,
-        {k: manifest[k] for k in ("input", "curated", "rejected", "rejected_by_stage", "outputs")},
     )
 
 
@@ -277,7 +292,7 @@ def write_curation(
     model_name: str = "",
     fetch: FetchConfig | None = None,
     contact_sheet_images: int = 24,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write curated.parquet, rejected.parquet, contact_sheet.png and manifest.json; returns the manifest.
 
     Example:

@@ -13,7 +13,6 @@ from typing import Any, Literal
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.events import emit_event
 from prefect.transactions import Transaction, get_transaction
 from pydantic import Field
 
@@ -28,7 +27,7 @@ from prefect_rayllm.rayllm_stages.rollout.endpoints import (
     SmokeResult,
     VersionInfo,
 )
-from prefect_rayllm.tasks.reporting import artifact_key
+from prefect_rayllm.tasks.reporting import JobFailed, artifact_key, emit_job_event
 from prefect_rayllm.tasks.secrets import resolve_api_key
 
 SERVE_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10]}
@@ -65,12 +64,25 @@ class RolloutReport(StrictModel):
     reason: str | None = None
 
 
-class RolloutRolledBack(RuntimeError):
-    """The candidate failed a check; the previous version serves all traffic again."""
+ROLLOUT_EVENT_FIELDS = {"version", "previous", "serving", "outcome", "reason", "url"}
+
+
+def rollout_event_payload(report: RolloutReport) -> dict[str, Any]:
+    """What `rayllm.rollout.promoted` and `.rolled_back` carry."""
+    return report.model_dump(mode="json", include=ROLLOUT_EVENT_FIELDS)
+
+
+class RolloutRolledBack(JobFailed):
+    """The candidate failed a check; the previous version serves all traffic again.
+
+    The rollout flow's failure hook turns it into `rayllm.rollout.rolled_back` with the report.
+    """
+
+    outcome = "rolled_back"
 
     def __init__(self, message: str, report: RolloutReport):
-        super().__init__(message)
-        self.message, self.report = message, report
+        super().__init__(message, rollout_event_payload(report))
+        self.report = report
 
     def __reduce__(self):  # keep the report when Prefect pickles the exception
         return type(self), (self.message, self.report)
@@ -208,7 +220,7 @@ def canary_failure(result: CanaryResult) -> CanaryCheckFailed:
 
 @task(name="publish-rollout", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_rollout(report: RolloutReport) -> None:
-    """Status table (one row per step), a markdown summary, and the event `rayllm.rollout.<outcome>`."""
+    """Status table (one row per step), a markdown summary, and the event `rayllm.rollout.promoted`."""
     rows = [
         {
             "step": s.step,
@@ -239,9 +251,5 @@ def publish_rollout(report: RolloutReport) -> None:
             for c in report.canary
         ]
     create_markdown_artifact("\n".join(lines), key=artifact_key("rollout-report", report.endpoint), description="Rollout report")
-    if report.outcome != "unchanged":
-        emit_event(
-            event=f"rayllm.rollout.{report.outcome}",
-            resource={"prefect.resource.id": f"rayllm.endpoint.{report.endpoint}", "prefect.resource.name": report.endpoint},
-            payload=report.model_dump(mode="json", include={"version", "previous", "serving", "outcome", "reason", "url"}),
-        )
+    if report.outcome == "promoted":  # a rollback is told by the flow's failure hook (RolloutRolledBack)
+        emit_job_event("rollout", "promoted", report.endpoint, rollout_event_payload(report), resource="endpoint")

@@ -133,20 +133,6 @@ def publish_evaluation(config: EvaluationConfig, result: EvaluationResult) -> No
     )
 
 
-def emit_evaluation_failed(flow, flow_run, state) -> None:
-    """Flow `on_failure` hook: the event `rayllm.evaluation.failed` with the reason, whatever failed
-    the run (the gate, a bad dataset, an engine); `rayllm.evaluation.completed` has already told
-    the verdict when the gate was reached."""
-    config = (flow_run.parameters or {}).get("config") or {}
-    name = config.get("name") if isinstance(config, dict) else getattr(config, "name", None)
-    name = str(name or "unnamed")
-    emit_event(
-        event="rayllm.evaluation.failed",
-        resource={"prefect.resource.id": f"rayllm.evaluation.{name}", "prefect.resource.name": name},
-        payload={"reason": (state.message or "")[:2000]},
-    )
-
-
 def _verdict_rows(result: EvaluationResult) -> list[dict[str, Any]]:
     rows = []
     for target, verdict in result.verdicts.items():

@@ -28,7 +28,7 @@ def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ("rows", counts.total),
         ("completed", counts.completed),
         ("failed", counts.failed),
-        ("error rate", f"{counts.error_rate:.2%} (max {manifest.max_error_rate:.2%})"),
+        ("error rate", f"{counts.error_rate:.2%} (max {_error_limit(manifest):.2%})"),
         ("rows/s", throughput.rows_per_s),
         ("output tokens/s", throughput.output_tokens_per_s),
         ("tokens in / out", f"{throughput.tokens_in:,} / {throughput.tokens_out:,}"),
@@ -48,14 +48,19 @@ def _model_label(manifest: Manifest) -> str:
     return f"{manifest.model['name']} ({manifest.model['engine']})"
 
 
+def _error_limit(manifest: Manifest) -> float:
+    return manifest.max_error_rate if manifest.max_error_rate is not None else 1.0
+
+
 def batch_report_markdown(manifest: Manifest) -> str:
     counts = manifest.counts
-    verdict = "within" if counts.error_rate <= manifest.max_error_rate else "**above**"
+    limit = _error_limit(manifest)
+    verdict = "within" if counts.error_rate <= limit else "**above**"
     lines = [
         f"# {manifest.job.capitalize()}: {_model_label(manifest)}",
         "",
         f"{counts.completed:,} of {counts.total:,} rows completed, {counts.failed:,} failed "
-        f"({counts.error_rate:.2%}, {verdict} the {manifest.max_error_rate:.2%} limit).",
+        f"({counts.error_rate:.2%}, {verdict} the {limit:.2%} limit).",
         "",
         "| output | location |",
         "| --- | --- |",
@@ -117,45 +122,101 @@ def _publish_report(manifest: Manifest, kind: str, title: str) -> None:
     )
 
 
-class ErrorRateExceeded(RuntimeError):
+class JobFailed(RuntimeError):
+    """A job failure that says which event tells it: `rayllm.<job>.<outcome>` with `payload`.
+
+    The flows' `on_failure` hook (`job_failed_hook`) emits it; any other exception that fails a
+    flow run becomes `rayllm.<job>.failed` with the reason.
+    """
+
+    outcome = "failed"
+
+    def __init__(self, message: str, payload: dict[str, Any]):
+        super().__init__(message)
+        self.message, self.payload = message, payload
+
+    def __reduce__(self):  # keep the payload when Prefect pickles the exception
+        return type(self), (self.message, self.payload)
+
+
+class ErrorRateExceeded(JobFailed):
     """More rows failed than the job allows; results and errors were written first."""
 
 
-def conclude_job(kind: str, output: str, manifest: Manifest, max_error_rate: float) -> None:
-    """Emit `rayllm.<kind>.completed`, or `.failed` and raise when too many rows failed."""
-    payload = {
+def job_event_payload(manifest: Manifest) -> dict[str, Any]:
+    """What `rayllm.<job>.completed` (and the error-rate `.failed`) carry about a run."""
+    if manifest.curation is not None:
+        counts = manifest.counts
+        return {
+            "input": counts.total,
+            "curated": counts.completed,
+            "rejected": counts.failed,
+            "rejected_by_stage": manifest.curation.rejected_by_stage,
+            "outputs": manifest.outputs,
+        }
+    return {
         "counts": manifest.counts.model_dump(),
         "outputs": manifest.outputs,
         "model": manifest.model,
         "steps": manifest.steps,
     }
+
+
+def conclude_job(kind: str, output: str, manifest: Manifest, max_error_rate: float | None) -> None:
+    """Emit `rayllm.<kind>.completed`, or raise `ErrorRateExceeded` (the flow's failure hook then
+    emits `.failed` with the counts) when too many rows failed. `max_error_rate` None: no limit."""
+    payload = job_event_payload(manifest)
     counts = manifest.counts
-    if counts.error_rate > max_error_rate:
-        emit_job_event(kind, "failed", output, {**payload, "reason": "error rate above max_error_rate"})
+    if max_error_rate is not None and counts.error_rate > max_error_rate:
         raise ErrorRateExceeded(
             f"{counts.failed} of {counts.total} rows failed ({counts.error_rate:.2%}), "
-            f"above max_error_rate {max_error_rate:.2%}; see {manifest.outputs['errors']}"
+            f"above max_error_rate {max_error_rate:.2%}; see {manifest.outputs['errors']}",
+            {**payload, "reason": "error rate above max_error_rate"},
         )
     emit_job_event(kind, "completed", output, payload)
 
 
-def job_failed_hook(job: str):
-    """A flow `on_failure` hook emitting `rayllm.<job>.failed` about the run's `config.output`, with
-    the reason, for flows that do not emit it themselves: `@flow(on_failure=[job_failed_hook("curation")])`."""
+def job_failed_hook(job: str, key: str = "output", resource: str | None = None, unknown: str = "unknown"):
+    """The one way a job's failure becomes an event: a flow `on_failure` hook.
+
+    It emits `rayllm.<job>.failed` about `config.<key>` (the run's output; evaluation: its name;
+    rollout: its endpoint) with the reason, whatever failed the run (parameters, input, engine,
+    error rate, gate). A `JobFailed` exception names its own outcome and payload instead
+    (`ErrorRateExceeded`: the counts; a rolled-back rollout: `rayllm.rollout.rolled_back`).
+    `resource` replaces `<job>` in the resource id (rollout: `rayllm.endpoint.<endpoint>`).
+
+    Example: `@flow(on_failure=[job_failed_hook("curation")])`.
+    """
 
     def hook(flow, flow_run, state) -> None:
         config = (flow_run.parameters or {}).get("config") or {}
-        output = config.get("output") if isinstance(config, dict) else getattr(config, "output", None)
-        emit_job_event(job, "failed", str(output or "unknown"), {"reason": (state.message or "")[:2000]})
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        error = _exception_of(state)
+        if isinstance(error, JobFailed):
+            outcome, payload = error.outcome, error.payload
+        else:
+            reason = f"{type(error).__name__}: {error}" if error is not None else (state.message or "")
+            outcome, payload = "failed", {"reason": reason[:2000]}
+        emit_job_event(job, outcome, str(value or unknown), payload, resource=resource)
 
     return hook
 
 
-def emit_job_event(job: str, outcome: str, output: str, payload: dict[str, Any]) -> None:
-    """`rayllm.<job>.<outcome>` about the job's output location, for automations to chain on."""
+def _exception_of(state) -> BaseException | None:
+    """The exception that failed the run, when the state holds one."""
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception:
+        return None
+    return result if isinstance(result, BaseException) else None
+
+
+def emit_job_event(job: str, outcome: str, output: str, payload: dict[str, Any], resource: str | None = None) -> None:
+    """`rayllm.<job>.<outcome>` about the job's output location (resource `rayllm.<job>.<output>`,
+    or `rayllm.<resource>.<output>`), for automations to chain on."""
     output = output.rstrip("/")
     emit_event(
         event=f"rayllm.{job}.{outcome}",
-        resource={"prefect.resource.id": f"rayllm.{job}.{output}", "prefect.resource.name": output},
+        resource={"prefect.resource.id": f"rayllm.{resource or job}.{output}", "prefect.resource.name": output},
         payload=payload,
     )

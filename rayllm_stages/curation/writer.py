@@ -1,7 +1,9 @@
-"""The curation outputs: curated.parquet, rejected.parquet, contact_sheet.png and manifest.json."""
+"""The curation outputs: curated.parquet, rejected.parquet, contact_sheet.png and manifest.json (the
+jobs' one `Manifest` type, with the `curation` section)."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,6 +13,7 @@ from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig
 from prefect_rayllm.rayllm_stages.curation.funnel import fetch_summary, funnel, reason_kind
 from prefect_rayllm.rayllm_stages.curation.records import as_record
 from prefect_rayllm.rayllm_stages.io.storage import Location
+from prefect_rayllm.rayllm_stages.jobs.manifest import Counts, CurationSection, Manifest, Throughput, percentiles
 
 CONTACT_SHEET = "contact_sheet.png"
 
@@ -53,12 +56,17 @@ def write_outputs(
     fetch: FetchConfig | None = None,
     contact_sheet_images: int = 24,
     expected: int | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    run_fields: Mapping[str, Any] | None = None,
+    section_fields: Mapping[str, Any] | None = None,
+    write_manifest: bool = True,
+) -> Manifest:
     """Write curated.parquet, rejected.parquet, contact_sheet.png and manifest.json; return the manifest.
 
     `records` are marked records (after rules and dedup). `expected`: the number of input images;
-    when given, the write is refused unless every one of them is curated or rejected.
+    when given, the write is refused unless every one of them is curated or rejected. A run
+    (`CurationJob`) adds what it knows to the manifest: `run_fields` (timings, attempts, input,
+    model, ...: `Manifest` fields) and `section_fields` (`CurationSection` fields), and writes
+    manifest.json itself (`write_manifest=False`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -87,20 +95,63 @@ def write_outputs(
         png, sheet = contact_sheet(records, contact_sheet_images, fetch or FetchConfig())
         outputs["contact_sheet"] = location.child(CONTACT_SHEET)
         outputs["contact_sheet"].write_bytes(png)
-    steps = funnel(records)
-    manifest = {
-        "status": "completed",
-        "input": len(records),
-        "curated": len(curated),
-        "rejected": len(rejected),
-        "rejected_by_stage": {s["stage"]: s["rejected"] for s in steps if s["rejected"]},
-        "rejected_by_reason": dict(Counter(reason_kind(r["stage"], r["reason"]) for r in rejected).most_common()),
-        "funnel": steps,
-        "fetch": fetch_summary(records),
-        "tokens": {"in": sum(r["tokens_in"] for r in records), "out": sum(r["tokens_out"] for r in records)},
-        "contact_sheet": sheet,
-        **(extra or {}),
-        "outputs": {name: loc.url for name, loc in outputs.items()},
-    }
-    outputs["manifest"].write_json(manifest)
+    manifest = curation_manifest(
+        records,
+        {name: loc.url for name, loc in outputs.items()},
+        run_fields={"model": {"name": model_name}, **(run_fields or {})},
+        section_fields={"contact_sheet": sheet, **(section_fields or {})},
+    )
+    if write_manifest:
+        outputs["manifest"].write_json(manifest.model_dump(mode="json"))
     return manifest
+
+
+def curation_manifest(
+    records: Sequence[Mapping[str, Any]],
+    outputs: dict[str, str],
+    run_fields: Mapping[str, Any] | None = None,
+    section_fields: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of marked records: counts (curated as completed, rejected as failed, by stage),
+    tokens, and the curation section (funnel, reasons, fetch retries); a run adds its fields."""
+    steps = funnel(records)
+    rejected = [r for r in records if r["stage"]]
+    by_stage = {s["stage"]: s["rejected"] for s in steps if s["rejected"]}
+    total = len(records)
+    fields: dict[str, Any] = {
+        "input": {"images": total},
+        "model": {},
+        "timings": {"started_at": time.time(), "finished_at": time.time(), "wall_s": 0.0},
+        "attempts": [],
+        **(run_fields or {}),
+    }
+    attempts = fields["attempts"]
+    wall = sum(a["seconds"] for a in attempts)
+    tokens_in, tokens_out = sum(r["tokens_in"] for r in records), sum(r["tokens_out"] for r in records)
+    return Manifest(
+        status="completed",
+        job="curation",
+        outputs=outputs,
+        counts=Counts(
+            total=total,
+            completed=total - len(rejected),
+            failed=len(rejected),
+            error_rate=round(len(rejected) / total, 6) if total else 0.0,
+            errors_by_code=dict(sorted(by_stage.items())),
+        ),
+        throughput=Throughput(
+            rows_per_s=round(sum(a["rows"] for a in attempts) / wall, 3) if wall > 0 else 0.0,
+            output_tokens_per_s=round(tokens_out / wall, 3) if wall > 0 else 0.0,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            latency_s=percentiles([]),
+        ),
+        curation=CurationSection(
+            rejected_by_stage=by_stage,
+            rejected_by_reason=dict(Counter(reason_kind(r["stage"], r["reason"]) for r in rejected).most_common()),
+            funnel=steps,
+            fetch=fetch_summary(records),
+            **(section_fields or {}),
+        ),
+        **fields,
+    )

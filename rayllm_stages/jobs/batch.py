@@ -26,7 +26,7 @@ __all__ = ["BatchJob", "Execution", "Preparation", "ResumeRefused"]
 
 
 class BatchJob(LLMJob):
-    """One batch job bound to its output location (see `LLMJob` for prepare/execute/finalize)."""
+    """One batch job bound to its output location (the lifecycle of `ResumableJob`, rows as in `LLMJob`)."""
 
     kind = "batch"
     config: BatchJobConfig

@@ -73,7 +73,7 @@ class ChainFormat(TableFormat):
 
 
 class ChainJob(LLMJob):
-    """One chain run bound to its output location (see `LLMJob` for prepare/execute/finalize)."""
+    """One chain run bound to its output location (the lifecycle of `ResumableJob`, rows as in `LLMJob`)."""
 
     kind = "chain"
     config: ChainJobConfig
@@ -125,6 +125,9 @@ class ChainJob(LLMJob):
                             )
             self._resume_points = points
         return self._resume_points
+
+    def has_resumed_rows(self) -> bool:
+        return bool(self.resume_points())
 
     def pipeline(self, refs: list[Any], attempt: int):
         import ray
@@ -201,10 +204,9 @@ class ChainJob(LLMJob):
     def _step_log(self, position: int) -> RunLog:
         return RunLog(self.output.child("_rayllm", "steps", f"{position}-{self.steps[position].name}"))
 
-    def finalize(self, **kwargs):
-        manifest = super().finalize(**kwargs)
+    def after_finalize(self) -> None:
+        super().after_finalize()
         self.output.child("_rayllm", "steps").remove()
-        return manifest
 
 
 def _chain_row(index: int, key: str, row: dict[str, Any]) -> InputRow:

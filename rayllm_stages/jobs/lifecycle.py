@@ -1,12 +1,25 @@
-"""What every LLM job shares: prepare -> execute -> finalize against one output location.
+"""The resumable job lifecycle that batch, chain and curation share: prepare -> execute -> finalize
+against one output location, with all state in its run log (`<output>/_rayllm/`), so each step can
+run again after a crash.
 
-A job streams its input rows (checked, already-done rows skipped) into a Ray Dataset, runs its
-pipeline of `ray.data.llm` processors, and commits every finished row, result or error, to the run
-log as it arrives in the driver. Finalize merges the log into results.jsonl, errors.jsonl and
-manifest.json. All state lives in the output location, so each step can run again after a crash.
+    prepare(overwrite)   check the input; read the job record: start (write it), resume, or refuse
+                         when the settings changed (`ResumeRefused` names each change) unless
+                         `overwrite`, which clears the outputs and the log       -> Preparation
+    execute(on_progress) every row not yet committed, through the job's `work`; finished rows
+                         (results and errors) are committed in parts as they arrive; progress is
+                         reported at a fixed cadence (`Progress`)                 -> Execution
+    finalize()           the job's outputs and one `Manifest` (jobs.manifest), written last -> Manifest
+    run()                all three
 
-Subclasses say what is specific: how the input is checked and read (`check_input`, `input_rows`,
-`count_rows`), what the pipeline is (`pipeline`), and how rows are written (`formatter`).
+A job (`ResumableJob` subclass) says what is its own: the settings its rows depend on
+(`fingerprint`), how the input is checked and counted (`check_input`, `count_rows`), the rows it
+has done (`done_rows`), the work that yields finished rows (`work`), its output files
+(`output_files`) and how they and the manifest are written (`write_outputs`). An `incremental` job
+(curation) finalizes again on every run, over whatever its source lists now, and keeps its run log.
+
+`LLMJob` is the base of `BatchJob` and `ChainJob`: input rows (checked, done rows skipped) stream
+into a Ray Dataset, through the job's `ray.data.llm` processors, and back to the driver; finalize
+merges the parts into results.jsonl and errors.jsonl.
 """
 
 from __future__ import annotations
@@ -14,9 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from prefect_rayllm.rayllm_stages.config.base import ConfigError
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
@@ -32,7 +45,7 @@ ProgressCallback = Callable[[int, int], None]
 
 
 class ResumeRefused(ConfigError):
-    """The output location holds a run made with other settings."""
+    """The output location holds a run with other settings."""
 
 
 @dataclass
@@ -67,42 +80,269 @@ class Execution:
     first_result_s: float | None
 
 
+@dataclass
+class Finished:
+    """One finished row as the run log commits it: a result line, or an error line with its code."""
+
+    index: int
+    line: str
+    error_code: str | None = None  # None: a result
+    failed_step: str | None = None  # where an error row failed (chains: the step; curation: the stage)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float | None = None
+    step_usage: dict[str, dict[str, int]] | None = None  # chains: tokens per step
+
+
+@dataclass
+class Work:
+    """What `execute` runs: how many rows the job has, how many are done, and the rest as they finish."""
+
+    total: int
+    done: int
+    rows: Iterable[Finished]
+
+
+class Progress:
+    """The progress cadence: at the start, every `every` finished rows, at the total, and at the end."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int, finished: int = 0, every: int = 16):
+        self.callback, self.total, self.finished, self.every = callback, total, finished, every
+
+    def report(self) -> None:
+        if self.callback:
+            self.callback(self.finished, self.total)
+
+    def advance(self) -> None:
+        self.finished += 1
+        if self.finished % self.every == 0 or self.finished == self.total:
+            self.report()
+
+
+class ResumableJob:
+    """prepare -> execute -> finalize over one output location (see the module docstring).
+
+    `config` has `output`, `storage_options`, `commit_every_rows` and `resume_fingerprint()`.
+    """
+
+    kind: ClassVar[str] = "job"
+    incremental: ClassVar[bool] = False  # finalize on every run over the input as listed now; keep the log
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.output = Location(config.output, config.storage_options)
+        self.log = RunLog(self.output)
+        self.manifest_file = self.output.child("manifest.json")
+
+    # -- what a job defines ----------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a finished row depends on: a change refuses to resume."""
+        return self.config.resume_fingerprint()
+
+    def check_input(self) -> str:
+        """Check the input against the config; return its format.
+
+        Raises:
+            ConfigError: the input is missing or does not fit the config (field named).
+        """
+        raise NotImplementedError
+
+    def count_rows(self, input_format: str) -> int:
+        raise NotImplementedError
+
+    def done_rows(self, job: dict[str, Any]) -> int:
+        """Rows of the input already committed."""
+        return len(self.log.done_indexes())
+
+    def work(self, job: dict[str, Any], attempt: int) -> Work:
+        """The rows not yet committed, as they finish (lazily: execute commits each as it comes)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Called when `execute` ends, finished or not (e.g. delete the engines it deployed)."""
+
+    def output_files(self) -> list[Location]:
+        """The files `write_outputs` writes besides manifest.json (removed on overwrite)."""
+        raise NotImplementedError
+
+    def write_outputs(self, job: dict[str, Any], execution: Execution | None, flow_run_id: str | None) -> Manifest:
+        """Write the job's outputs from the run log; return the manifest (the lifecycle writes it)."""
+        raise NotImplementedError
+
+    def after_finalize(self) -> None:
+        """After manifest.json is written: drop what the log no longer needs."""
+        if not self.incremental:
+            self.log.clear_parts()
+
+    # -- prepare ---------------------------------------------------------------------------
+    def prepare(self, overwrite: bool = False) -> Preparation:
+        """Check the input against the config, then start, resume or refuse.
+
+        Raises:
+            ConfigError: the input is missing or does not fit the config (field named).
+            ResumeRefused: the output holds a run with other settings and `overwrite` is False.
+        """
+        input_format = self.check_input()
+        fingerprint = self.fingerprint()
+        job = self.log.read_job()
+        if job is not None and job["fingerprint"] != fingerprint and not overwrite:
+            raise ResumeRefused(
+                f"output {self.config.output} holds a {self.kind} run with other settings "
+                f"({describe_changes(job['fingerprint'], fingerprint)}); "
+                "rerun with overwrite (--overwrite) to start over, or choose another output"
+            )
+        if overwrite or job is None:
+            self.clear()
+            job = {
+                "kind": self.kind,
+                "fingerprint": fingerprint,
+                "input_format": input_format,
+                "total_rows": self.count_rows(input_format),
+                "created_at": time.time(),
+            }
+            self.log.write_job(job)
+        total = self.count_rows(input_format) if self.incremental else job["total_rows"]
+        already_complete = not self.incremental and self.completed_manifest() is not None
+        done = total if already_complete else self.done_rows(job)
+        return Preparation(
+            input_format=job.get("input_format", input_format),
+            total_rows=total,
+            done_rows=done,
+            already_complete=already_complete,
+            resumed=done > 0 and not already_complete,
+        )
+
+    # -- execute ---------------------------------------------------------------------------
+    def execute(self, on_progress: ProgressCallback | None = None) -> Execution:
+        """Run every row that is not yet committed; commit finished rows in parts as they come.
+
+        Raises:
+            ResumeRefused: the settings changed since `prepare`.
+        """
+        job = self.job()
+        if job["fingerprint"] != self.fingerprint():
+            raise ResumeRefused(f"the settings changed since {self.config.output} was prepared; prepare again")
+        started = time.time()
+        attempt = self.log.next_attempt()
+        writer = self.log.writer(attempt, self.config.commit_every_rows)
+        work = self.work(job, attempt)
+        progress = Progress(on_progress, work.total, work.done)
+        results = errors = 0
+        first_result_at: float | None = None
+        try:
+            progress.report()
+            for row in work.rows:
+                if row.error_code is None:
+                    writer.add_result(row.index, row.line, row.tokens_in, row.tokens_out, row.latency_s, row.step_usage)
+                    results += 1
+                    if first_result_at is None:
+                        first_result_at = time.time()
+                else:
+                    writer.add_error(row.index, row.line, row.error_code, row.failed_step, row.step_usage)
+                    errors += 1
+                progress.advance()
+        finally:
+            writer.commit()
+            self.release()
+        progress.report()
+        return Execution(
+            attempt=attempt,
+            rows=results + errors,
+            results=results,
+            errors=errors,
+            seconds=round(time.time() - started, 3),
+            first_result_s=round(first_result_at - started, 3) if first_result_at else None,
+        )
+
+    # -- finalize --------------------------------------------------------------------------
+    def finalize(self, *, flow_run_id: str | None = None, execution: Execution | None = None) -> Manifest:
+        """Write the outputs and manifest.json (a finished, non-incremental job: its manifest as is).
+
+        Raises:
+            RuntimeError: some rows are not committed yet (execute has not finished); nothing is written.
+        """
+        if not self.incremental:
+            completed = self.completed_manifest()
+            if completed is not None:
+                return completed
+        manifest = self.write_outputs(self.job(), execution, flow_run_id)
+        self.manifest_file.write_json(manifest.model_dump(mode="json"))
+        self.after_finalize()
+        return manifest
+
+    def run(self, overwrite: bool = False, on_progress: ProgressCallback | None = None) -> Manifest:
+        """prepare, execute (unless already complete), finalize: the whole job without Prefect."""
+        preparation = self.prepare(overwrite=overwrite)
+        execution = None if preparation.already_complete else self.execute(on_progress)
+        return self.finalize(execution=execution)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def job(self) -> dict[str, Any]:
+        """The job record `prepare` wrote."""
+        job = self.log.read_job()
+        if job is None:
+            raise RuntimeError(f"no {self.kind} run at {self.config.output}: call prepare() first")
+        return job
+
+    def timings(self, job: dict[str, Any], attempts: list[dict[str, Any]], execution: Execution | None) -> Timings:
+        """Start (the job record's), now, and the seconds the attempts ran (summed)."""
+        return Timings(
+            started_at=job["created_at"],
+            finished_at=time.time(),
+            wall_s=round(attempt_seconds(attempts), 3),
+            first_result_s=execution.first_result_s if execution else None,
+        )
+
+    def completed_manifest(self) -> Manifest | None:
+        if not self.manifest_file.exists():
+            return None
+        return Manifest.model_validate(self.manifest_file.read_json())
+
+    def clear(self) -> None:
+        """Remove the outputs, the manifest and the run log (start over)."""
+        for location in (*self.output_files(), self.manifest_file):
+            location.remove()
+        self.log.clear()
+
+
+def attempt_seconds(attempts: list[dict[str, Any]]) -> float:
+    """Seconds the attempts ran, summed (never 0, so rates stay finite)."""
+    return max(sum(a["seconds"] for a in attempts), 1e-6)
+
+
 def rows_per_block(batch_size: int) -> int:
     """Small input blocks: Ray Data hands results back a block at a time, so block size is how
     often rows reach the driver (progress, commits); two engine batches per block keeps it fine."""
     return max(8, min(1024, 2 * batch_size))
 
 
-class LLMJob:
+class LLMJob(ResumableJob):
     """Base of `BatchJob` and `ChainJob`; `config` has input, output, storage_options,
-    commit_every_rows, max_error_rate and `resume_fingerprint()`."""
+    commit_every_rows, max_error_rate and `resume_fingerprint()`.
 
-    kind = "job"
+    Subclasses say how the input is checked and read (`check_input`, `input_rows`, `count_rows`),
+    what the pipeline is (`pipeline`), and how rows are written (`formatter`).
+    """
 
     def __init__(self, config: Any, *, api_key: str | None = None):
-        self.config = config
+        super().__init__(config)
         self.api_key = api_key
-        self.output = Location(config.output, config.storage_options)
-        self.log = RunLog(self.output)
         self.results_file = self.output.child("results.jsonl")
         self.errors_file = self.output.child("errors.jsonl")
-        self.manifest_file = self.output.child("manifest.json")
         self._served_engines: dict[str, tuple[Any, bool]] = {}  # Serve app -> (engine, keep_serving)
         self.engines_used: list[Any] = []  # every ServedEngine this job used, for the manifest
 
     # -- what subclasses define ------------------------------------------------------------
-    def check_input(self) -> str:
-        raise NotImplementedError
-
-    def count_rows(self, input_format: str) -> int:
-        raise NotImplementedError
-
     def input_rows(self, input_format: str) -> Iterator[InputRow | RowError]:
         raise NotImplementedError
 
     def pipeline(self, refs: list[Any], attempt: int):
         """The processed Dataset for the input blocks `refs` (lazy)."""
         raise NotImplementedError
+
+    def has_resumed_rows(self) -> bool:
+        """Chains: rows that join the pipeline at a later step (so it runs even without new input)."""
+        return False
 
     def formatter(self, input_format: str):
         raise NotImplementedError
@@ -151,119 +391,60 @@ class LLMJob:
             release_engine(engine, keep)
         self._served_engines.clear()
 
-    # -- prepare ---------------------------------------------------------------------------
-    def prepare(self, overwrite: bool = False) -> Preparation:
-        """Check the input against the config, then start, resume or refuse.
+    # -- the lifecycle's hooks ---------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        identity = Location(self.config.input, self.config.storage_options).identity()
+        return {**self.config.resume_fingerprint(), "input_identity": identity}
 
-        Raises:
-            ConfigError: the input is missing or does not fit the config (field named).
-            ResumeRefused: the output holds a run with other settings and `overwrite` is False.
-        """
-        input_format = self.check_input()
-        fingerprint = self._fingerprint()
-        job = self.log.read_job()
-        if job is not None and job["fingerprint"] != fingerprint and not overwrite:
-            changes = describe_changes(job["fingerprint"], fingerprint)
-            raise ResumeRefused(
-                f"output {self.config.output} holds a run with other settings ({changes}); "
-                "rerun with overwrite (--overwrite) to start over, or choose another output"
-            )
-        if overwrite or job is None:
-            self._clear_outputs()
-            job = {
-                "kind": self.kind,
-                "fingerprint": fingerprint,
-                "input_format": input_format,
-                "total_rows": self.count_rows(input_format),
-                "created_at": time.time(),
-            }
-            self.log.write_job(job)
-        already_complete = self._completed_manifest() is not None
-        done = job["total_rows"] if already_complete else len(self.log.done_indexes())
-        return Preparation(
-            input_format=job["input_format"],
-            total_rows=job["total_rows"],
-            done_rows=done,
-            already_complete=already_complete,
-            resumed=done > 0 and not already_complete,
-        )
+    def output_files(self) -> list[Location]:
+        return [self.results_file, self.errors_file]
 
-    # -- execute ---------------------------------------------------------------------------
-    def execute(self, on_progress: ProgressCallback | None = None) -> Execution:
-        """Run every row that is not yet committed; commit finished rows in parts as they come."""
+    def release(self) -> None:
+        self.release_engines()
+
+    def work(self, job: dict[str, Any], attempt: int) -> Work:
+        done = self.log.done_indexes()
+        return Work(total=job["total_rows"], done=len(done), rows=self._finished_rows(job, done, attempt))
+
+    def _finished_rows(self, job: dict[str, Any], done: set[int], attempt: int) -> Iterator[Finished]:
+        """Input errors as they are read; the other rows into blocks, through the pipeline, back."""
         import ray
 
-        job = self._job()
-        started = time.time()
-        done = self.log.done_indexes()
-        attempt = self.log.next_attempt()
-        writer = self.log.writer(attempt, self.config.commit_every_rows)
         formatter = self.formatter(job["input_format"])
-        total, finished = job["total_rows"], len(done)
-        results = errors = 0
-        first_result_at: float | None = None
-
-        def report() -> None:
-            if on_progress:
-                on_progress(finished, total)
-
-        refs, buffer, pending = [], [], 0
+        refs, buffer = [], []
         block_rows = self.block_rows()
-        try:
-            for item in self.input_rows(job["input_format"]):
-                if item.index in done:
-                    continue
-                if isinstance(item, RowError):
-                    writer.add_error(item.index, formatter.input_error(item), item.code)
-                    errors += 1
-                    finished += 1
-                    continue
-                buffer.append(item)
-                pending += 1
-                if len(buffer) == block_rows:
-                    refs.append(ray.put(_to_arrow(buffer)))
-                    buffer = []
-            if buffer:
+        for item in self.input_rows(job["input_format"]):
+            if item.index in done:
+                continue
+            if isinstance(item, RowError):
+                yield Finished(item.index, formatter.input_error(item), error_code=item.code)
+                continue
+            buffer.append(item)
+            if len(buffer) == block_rows:
                 refs.append(ray.put(_to_arrow(buffer)))
-            report()
-            if pending:
-                for row in self.pipeline(refs, attempt).iter_rows():
-                    error = engine_error_of(row)
-                    if error:
-                        line, code = formatter.engine_error(row, error)
-                        writer.add_error(row["row_index"], line, code, self.failed_step(row), self.per_step_usage(row))
-                        errors += 1
-                    else:
-                        tokens_in, tokens_out, latency = self.step_usage(row)
-                        writer.add_result(
-                            row["row_index"], formatter.result(row), tokens_in, tokens_out, latency, self.per_step_usage(row)
-                        )
-                        results += 1
-                        if first_result_at is None:
-                            first_result_at = time.time()
-                    finished += 1
-                    if finished % 16 == 0 or finished == total:
-                        report()
-        finally:
-            writer.commit()
-            self.release_engines()
-        report()
-        return Execution(
-            attempt=attempt,
-            rows=results + errors,
-            results=results,
-            errors=errors,
-            seconds=round(time.time() - started, 3),
-            first_result_s=round(first_result_at - started, 3) if first_result_at else None,
-        )
+                buffer = []
+        if buffer:
+            refs.append(ray.put(_to_arrow(buffer)))
+        if not refs and not self.has_resumed_rows():
+            return
+        for row in self.pipeline(refs, attempt).iter_rows():
+            error = engine_error_of(row)
+            if error:
+                line, code = formatter.engine_error(row, error)
+                yield Finished(row["row_index"], line, code, self.failed_step(row), step_usage=self.per_step_usage(row))
+            else:
+                tokens_in, tokens_out, latency = self.step_usage(row)
+                yield Finished(
+                    row["row_index"],
+                    formatter.result(row),
+                    tokens_in=tokens_in,
+                    tokens_out=tokens_out,
+                    latency_s=latency,
+                    step_usage=self.per_step_usage(row),
+                )
 
-    # -- finalize --------------------------------------------------------------------------
-    def finalize(self, *, flow_run_id: str | None = None, execution: Execution | None = None) -> Manifest:
-        """Merge the parts into results.jsonl and errors.jsonl and write manifest.json."""
-        completed = self._completed_manifest()
-        if completed is not None:
-            return completed
-        job = self._job()
+    def write_outputs(self, job: dict[str, Any], execution: Execution | None, flow_run_id: str | None) -> Manifest:
+        """Merge the parts into results.jsonl and errors.jsonl; the manifest with counts and throughput."""
         stats, attempts = self.log.merge(self.results_file, self.errors_file)
         total = job["total_rows"]
         accounted = stats.results + stats.errors
@@ -272,8 +453,7 @@ class LLMJob:
                 f"{total - accounted} of {total} input rows are neither in results nor in errors; "
                 "run execute again to finish them"
             )
-        wall = max(sum(a["seconds"] for a in attempts), 1e-6)
-        manifest = Manifest(
+        return Manifest(
             status="completed",
             job=self.kind,
             input={"url": self.config.input, "format": job["input_format"], **job["fingerprint"]["input_identity"]},
@@ -283,13 +463,8 @@ class LLMJob:
                 "manifest": self.manifest_file.url,
             },
             counts=build_counts(stats, total),
-            timings=Timings(
-                started_at=job["created_at"],
-                finished_at=time.time(),
-                wall_s=round(wall, 3),
-                first_result_s=execution.first_result_s if execution else None,
-            ),
-            throughput=build_throughput(stats, wall),
+            timings=self.timings(job, attempts, execution),
+            throughput=build_throughput(stats, attempt_seconds(attempts)),
             attempts=attempts,
             flow_run_id=flow_run_id,
             max_error_rate=self.config.max_error_rate,
@@ -297,30 +472,6 @@ class LLMJob:
             engines=self.log.read_engines(),
             **self.manifest_fields(),
         )
-        self.manifest_file.write_json(manifest.model_dump(mode="json"))
-        self.log.clear_parts()
-        return manifest
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _job(self) -> dict[str, Any]:
-        job = self.log.read_job()
-        if job is None:
-            raise RuntimeError(f"no job at {self.config.output}: call prepare() first")
-        return job
-
-    def _fingerprint(self) -> dict[str, Any]:
-        identity = Location(self.config.input, self.config.storage_options).identity()
-        return {**self.config.resume_fingerprint(), "input_identity": identity}
-
-    def _completed_manifest(self) -> Manifest | None:
-        if not self.manifest_file.exists():
-            return None
-        return Manifest.model_validate(self.manifest_file.read_json())
-
-    def _clear_outputs(self) -> None:
-        for location in (self.results_file, self.errors_file, self.manifest_file):
-            location.remove()
-        self.log.clear()
 
 
 def _to_arrow(rows: list[InputRow]):

@@ -1,4 +1,11 @@
-"""`manifest.json`: what a batch run did, with what, and how fast."""
+"""`manifest.json`: what a job did, with what, and how fast. One type, `Manifest`, for every job.
+
+Every job fills the common part: `job`, `input`, `outputs`, `model`, `counts` (total = completed +
+failed: results and errors for batch and chain, curated and rejected images for curation),
+`timings`, `throughput`, `attempts`, `flow_run_id`, `versions`. Then each job its own section:
+batch and chain the sampling, prompt hash, Serve engines, error limit (and chains `steps`);
+curation its `curation` section (the funnel, reasons, fetch retries, the contact sheet's sample).
+"""
 
 from __future__ import annotations
 
@@ -62,25 +69,44 @@ class Throughput(BaseModel):
     latency_s: dict[str, float | None]
 
 
+class CurationSection(BaseModel):
+    """Curation's own part of the manifest: where images were rejected and why, and what was reused."""
+
+    rejected_by_stage: dict[str, int]
+    rejected_by_reason: dict[str, int]
+    funnel: list[dict[str, Any]] = Field(description="per stage: images in, passed, rejected, reasons")
+    fetch: dict[str, int] = Field(description="GETs, retries, images retried, recovered and given up")
+    contact_sheet: dict[str, list[str]] = Field(default_factory=dict, description="the sheet's kept and rejected URIs")
+    computed_now: int | None = Field(None, description="images this run computed (None: written outside a run)")
+    reused_records: int | None = Field(None, description="images whose record an earlier run computed")
+    repeated_uris_in_source: int = 0
+    filter: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(BaseModel):
+    """What a job did, with what, and how fast (see the module docstring for the sections)."""
+
     status: Literal["completed", "failed"]
-    job: Literal["batch", "chain"] = "batch"
+    job: Literal["batch", "chain", "curation"] = "batch"
     input: dict[str, Any]
     outputs: dict[str, str]
     model: dict[str, Any]
-    sampling: dict[str, Any]
-    steps: list[dict[str, Any]] | None = Field(None, description="chains: per step rows, errors, tokens")
-    engines: list[dict[str, Any]] = Field(
-        default_factory=list, description="Serve-hosted engines used: app, deployment, deployed by this run or reused"
-    )
-    prompt_template_hash: str | None
     counts: Counts
     timings: Timings
     throughput: Throughput
     attempts: list[dict[str, float]] = Field(description="per attempt: rows it finished and seconds it ran")
     flow_run_id: str | None = None
-    max_error_rate: float
     versions: dict[str, str | None] = Field(default_factory=package_versions)
+    # batch and chain
+    sampling: dict[str, Any] | None = None
+    prompt_template_hash: str | None = None
+    steps: list[dict[str, Any]] | None = Field(None, description="chains: per step rows, errors, tokens")
+    engines: list[dict[str, Any]] = Field(
+        default_factory=list, description="Serve-hosted engines used: app, deployment, deployed by this run or reused"
+    )
+    max_error_rate: float | None = Field(None, description="batch and chain: the run fails above this error rate")
+    # curation
+    curation: CurationSection | None = None
 
 
 def build_counts(stats: PartStats, total: int) -> Counts:

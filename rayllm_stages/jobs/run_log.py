@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -115,27 +116,22 @@ class RunLog:
             The parts' summed stats, and per attempt its rows and the seconds until its last commit.
         """
         total = PartStats()
-        spans: dict[int, tuple[float, float]] = {}
-        rows: dict[int, int] = {}
         seen: set[int] = set()
+        parts = self.complete_parts()
         with results.open("w", encoding="utf-8") as out, errors.open("w", encoding="utf-8") as err:
-            for part, stats in self.complete_parts():
+            for part, stats in parts:
                 fresh = [i for i in stats.indexes if i not in seen]
                 if len(fresh) != len(stats.indexes):
                     raise RuntimeError(f"run log part {part} repeats rows already in an earlier part")
                 seen.update(fresh)
                 total.absorb(stats)
-                rows[stats.attempt] = rows.get(stats.attempt, 0) + len(stats.indexes)
-                if stats.attempt_started_at is not None and stats.last_written_at is not None:
-                    start, end = spans.get(stats.attempt, (stats.attempt_started_at, stats.last_written_at))
-                    spans[stats.attempt] = (min(start, stats.attempt_started_at), max(end, stats.last_written_at))
-                for kind, line in _part_lines(part):
+                for kind, line in part_lines(part):
                     (out if kind == RESULT else err).write(line + "\n")
-        attempts = [
-            {"attempt": a, "rows": rows[a], "seconds": round(spans[a][1] - spans[a][0], 3) if a in spans else 0.0}
-            for a in sorted(rows)
-        ]
-        return total, attempts
+        return total, summarize_attempts(stats for _, stats in parts)
+
+    def attempts(self) -> list[dict[str, float]]:
+        """Per attempt: the rows its complete parts hold and the seconds from its start to its last commit."""
+        return summarize_attempts(stats for _, stats in self.complete_parts())
 
     def clear_parts(self) -> None:
         self.parts.remove()
@@ -225,14 +221,30 @@ def _read_header_if_complete(part: Location) -> PartStats | None:
     return PartStats(**json.loads(first[len(HEADER) :]))
 
 
+def summarize_attempts(parts: Iterable[PartStats]) -> list[dict[str, float]]:
+    """Per attempt: rows in its parts, and seconds from its start to its last commit."""
+    spans: dict[int, tuple[float, float]] = {}
+    rows: dict[int, int] = {}
+    for stats in parts:
+        rows[stats.attempt] = rows.get(stats.attempt, 0) + len(stats.indexes)
+        if stats.attempt_started_at is not None and stats.last_written_at is not None:
+            start, end = spans.get(stats.attempt, (stats.attempt_started_at, stats.last_written_at))
+            spans[stats.attempt] = (min(start, stats.attempt_started_at), max(end, stats.last_written_at))
+    return [
+        {"attempt": a, "rows": rows[a], "seconds": round(spans[a][1] - spans[a][0], 3) if a in spans else 0.0}
+        for a in sorted(rows)
+    ]
+
+
 def read_part(part: Location):
     """The JSON records of a part's result lines."""
-    for kind, line in _part_lines(part):
+    for kind, line in part_lines(part):
         if kind == RESULT:
             yield json.loads(line)
 
 
-def _part_lines(part: Location):
+def part_lines(part: Location) -> Iterator[tuple[str, str]]:
+    """A part's lines as (kind, line): kind `R` for a result, `E` for an error."""
     for raw in part.iter_lines():
         if raw.startswith("#"):
             continue

@@ -74,10 +74,13 @@ def test_cli_curates_a_corpus_from_s3_through_a_faulty_proxy(tmp_path, prefect_s
 
     out = tmp_path / "out"
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["job"] == "curation"
+    section = manifest["curation"]
     curated = pq.read_table(out / "curated.parquet").to_pylist()
     rejected = {r["uri"]: r for r in pq.read_table(out / "rejected.parquet").to_pylist()}
     # Nothing lost: every input image is curated or rejected (fetch/decode/caption errors included), once.
-    assert manifest["input"] == len(corpus.expected) == len(curated) + len(rejected)
+    assert manifest["counts"]["total"] == len(corpus.expected) == len(curated) + len(rejected)
+    assert (manifest["counts"]["completed"], manifest["counts"]["failed"]) == (len(curated), len(rejected))
     assert len({r["uri"] for r in curated} | set(rejected)) == len(corpus.expected)
     kept = {r["uri"]: r for r in curated}
     for uri, expected in corpus.expected.items():
@@ -93,13 +96,13 @@ def test_cli_curates_a_corpus_from_s3_through_a_faulty_proxy(tmp_path, prefect_s
             assert expected.reason.lower() in rejected[uri]["reason"].lower(), rejected[uri]
             if stage in ("fetch", "decode"):
                 assert uri in rejected[uri]["reason"]  # the error names its object
-    assert manifest["rejected_by_stage"]["dedup"] == 2
+    assert section["rejected_by_stage"]["dedup"] == 2
 
     # Every transient failure was retried to success: the only fetch rejection is the missing key
     # (a permanent error), no image was given up on, and the retries show per image. A reset on a
     # reused keep-alive connection may be resent by aiohttp itself (see image_fetch), and the
     # contact sheet reads a sample again, so retries are at most the faults injected.
-    fetch = manifest["fetch"]
+    fetch = section["fetch"]
     assert [r["stage"] for r in rejected.values()].count("fetch") == 1
     assert "FileNotFoundError" in next(r["reason"] for r in rejected.values() if r["stage"] == "fetch")
     assert fetch["gave_up_images"] == 0 and 0 < fetch["retries"] <= faults["slowdown"] + faults["reset"], (fetch, faults)
@@ -109,7 +112,7 @@ def test_cli_curates_a_corpus_from_s3_through_a_faulty_proxy(tmp_path, prefect_s
     # The contact sheet: a PNG next to the outputs, and inline in the report artifact.
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.format == "PNG" and sheet.width >= 6 * 96
-    shown = manifest["contact_sheet"]
+    shown = section["contact_sheet"]
     assert len(shown["kept"]) == 8 and len(shown["rejected"]) == 8  # all 8 kept, 8 of the 8 rejected
     report = artifacts_with_key(artifact_key("curation-report", output))[0]
     assert report.type == "markdown" and "| dedup | 10 | 8 | 2 |" in report.data
@@ -152,7 +155,7 @@ def test_sigkill_mid_run_then_rerun_computes_only_the_rest(tmp_path, prefect_ser
     reaped. Then: a filter change re-filters without the model; a prompt change is refused."""
     from prefect_rayllm.flows.curation import curate_images
     from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
-    from prefect_rayllm.rayllm_stages.curation.run import CurationRun
+    from prefect_rayllm.rayllm_stages.curation.run import CurationJob
     from prefect_rayllm.rayllm_stages.jobs.lifecycle import ResumeRefused
     from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
     from prefect_rayllm.rayllm_stages.testing.image_corpus import encode, pattern_image
@@ -215,10 +218,11 @@ def test_sigkill_mid_run_then_rerun_computes_only_the_rest(tmp_path, prefect_ser
         )
         manifest = curate_images(config=config)
         gets = fast.stats.object_gets
-    assert manifest["input"] == images == manifest["curated"] + manifest["rejected"]
-    assert manifest["computed_now"] == images - done_before and manifest["reused_records"] == done_before
-    assert [a["images"] for a in manifest["attempts"]][-1] == images - done_before
-    assert sum(a["images"] for a in manifest["attempts"]) == images  # no image computed twice
+    counts, section = manifest.counts, manifest.curation
+    assert counts.total == images == counts.completed + counts.failed
+    assert section.computed_now == images - done_before and section.reused_records == done_before
+    assert [a["rows"] for a in manifest.attempts][-1] == images - done_before
+    assert sum(a["rows"] for a in manifest.attempts) == images  # no image computed twice
     # Only the images without a record were fetched (plus the contact sheet's re-reads).
     assert images - done_before <= gets <= images - done_before + config.contact_sheet_images
     import pyarrow.parquet as pq
@@ -229,29 +233,29 @@ def test_sigkill_mid_run_then_rerun_computes_only_the_rest(tmp_path, prefect_ser
 
     # Changing only the rules re-filters the stored records; the model is not called.
     strict = config.model_copy(update={"filter": config.filter.model_copy(update={"min_width": 200})})
-    refiltered = CurationRun(strict).run()
-    assert refiltered["computed_now"] == 0 and refiltered["curated"] == 0
-    assert refiltered["rejected_by_stage"]["filter"] == images - manifest["rejected"]
+    refiltered = CurationJob(strict).run()
+    assert refiltered.curation.computed_now == 0 and refiltered.counts.completed == 0
+    assert refiltered.curation.rejected_by_stage["filter"] == images - counts.failed
     # Changing what a record depends on is refused, naming the change, unless overwrite.
     with pytest.raises(ResumeRefused, match="prompt"):
-        CurationRun(config.model_copy(update={"prompt": "Rate it."})).prepare()
+        CurationJob(config.model_copy(update={"prompt": "Rate it."})).prepare()
 
 
 def test_example_config_lists_the_corpus_made_by_the_cli(tmp_path, monkeypatch):
     """examples/curate-cpu.yaml is valid and, after `rayllm make-image-corpus`, finds its images."""
     from prefect_rayllm.rayllm_stages.config.base import load_config
     from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
-    from prefect_rayllm.rayllm_stages.curation.run import CurationRun
+    from prefect_rayllm.rayllm_stages.curation.run import CurationJob
 
     monkeypatch.chdir(tmp_path)
     config = load_config(CurationConfig, REPO / "examples" / "curate-cpu.yaml")
     folder = config.source.url.removesuffix("/").removesuffix("/images")
     outcome = CliRunner().invoke(app, ["make-image-corpus", folder])
     assert outcome.exit_code == 0, outcome.output
-    run = CurationRun(config)
+    run = CurationJob(config)
     assert len(run.uris()) == 15
     preparation = run.prepare()
-    assert preparation.total == 15 and preparation.done == 0
+    assert preparation.total_rows == 15 and preparation.done_rows == 0 and not preparation.already_complete
     assert (tmp_path / config.output / "_rayllm" / "job.json").exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -295,6 +296,7 @@ def test_stage_tasks_run_alone_on_lists_and_on_a_dataset(tmp_path, prefect_serve
     from prefect import flow
 
     from prefect_rayllm.rayllm_stages.curation.stages import fetch_batch_size, image_dataset
+    from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
     from prefect_rayllm.tasks.curation import decode_images, dedup_images, fetch_images, filter_images, write_curation
 
     corpus = build_corpus(str(tmp_path / "corpus"))
@@ -302,7 +304,7 @@ def test_stage_tasks_run_alone_on_lists_and_on_a_dataset(tmp_path, prefect_serve
     rules, near = {"min_width": 32, "min_height": 32}, {"phash_max_distance": 6}
 
     @flow
-    def on_a_list() -> tuple[list[dict], dict]:
+    def on_a_list() -> tuple[list[dict], Manifest]:
         decoded = decode_images(fetch_images(uris, {"max_attempts": 2}), {"max_edge": 64})
         records = dedup_images(filter_images(decoded, rules), near)
         return records, write_curation(records, str(tmp_path / "out"), contact_sheet_images=6)
@@ -320,13 +322,11 @@ def test_stage_tasks_run_alone_on_lists_and_on_a_dataset(tmp_path, prefect_serve
     for found in (records, dataset_records):
         stages = {r["uri"]: r["stage"] for r in found}
         assert stages == {uri: expected_stage[e.outcome] for uri, e in corpus.expected.items()}
-    assert (
-        manifest["input"] == 16
-        and manifest["curated"] == 8
-        and manifest["rejected_by_stage"] == {"fetch": 1, "decode": 5, "dedup": 2}
-    )
-    assert len(manifest["contact_sheet"]["kept"]) == 3 and len(manifest["contact_sheet"]["rejected"]) == 3
+    assert manifest.job == "curation" and manifest.counts.total == 16 and manifest.counts.completed == 8
+    assert manifest.curation.rejected_by_stage == {"fetch": 1, "decode": 5, "dedup": 2}
+    assert len(manifest.curation.contact_sheet["kept"]) == 3 and len(manifest.curation.contact_sheet["rejected"]) == 3
     assert Image.open(tmp_path / "out" / "contact_sheet.png").format == "PNG"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest.model_dump(mode="json")
 
 
 def test_proxy_stall_holds_matching_gets_until_released(local_s3, corpus):
