@@ -175,7 +175,7 @@ def decode_image(data: bytes, config: DecodeConfig) -> dict[str, Any]:
         orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
         original_size = image.size
         if image.format == "JPEG":
-            image.draft(None, (config.max_edge, config.max_edge))  # type: ignore[arg-type]
+            image.draft(None, (config.max_edge, config.max_edge))
         image.load()
         upright = ImageOps.exif_transpose(image)
         rgb = to_rgb(upright)

@@ -180,11 +180,12 @@ def dedup_columns(
             result.dropped[uri] = f"exact duplicate of {kept_for_sha[sha]} (same sha256)"
             continue
         if max_distance is not None and is_flat(phash):
-            near = flat.nearest(phash)
-            if near is not None:
+            same_colour = flat.nearest(phash)
+            if same_colour is not None:
+                levels, kept_uri, kept_key = same_colour
                 result.dropped[uri] = (
-                    f"near duplicate of {near[1]} (both flat images, colours #{phash[5:]} and #{near[2][5:]} "
-                    f"{near[0]} levels apart; pHash is not compared where an image has no detail)"
+                    f"near duplicate of {kept_uri} (both flat images, colours #{phash[5:]} and #{kept_key[5:]} "
+                    f"{levels} levels apart; pHash is not compared where an image has no detail)"
                 )
                 continue
             flat.add(phash, uri)
