@@ -1,4 +1,7 @@
-"""`rayllm demo`: a batch run, an evaluation and an image curation end to end on this machine, with nothing but the package installed."""
+"""`rayllm demo`: a batch run, an evaluation and an image curation end to end on this machine, with nothing but the package installed.
+
+The flows run in this process through `prefect_rayllm.flows.local` (as the CLI's job commands do);
+this module does not import the CLI, and the CLI imports it only when `rayllm demo` runs."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from prefect_rayllm.flows.local import run_with_progress
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.rayllm_stages.testing.local_s3 import start_local_s3
@@ -47,7 +51,7 @@ def sample_batch_lines(rows: int, seed: int = 0) -> list[str]:
 
 
 def run_demo(workdir: Path, rows: int, console: Console) -> None:
-    from prefect_rayllm.flows.cli import run_batch_with_progress
+    from prefect_rayllm.flows.batch import batch_inference
 
     workdir = workdir.resolve()
     model_dir = workdir / "models" / "tiny-chat"
@@ -69,17 +73,17 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
             max_error_rate=0.5,  # the sample has two deliberately broken lines
             storage_options=s3.storage_options,
         )
-        manifest = run_batch_with_progress(config, overwrite=True)
+        manifest = run_with_progress(batch_inference, "batch", config, True, console)
         local_copy = workdir / "run-1"
         local_copy.mkdir(parents=True, exist_ok=True)
         for name in ("results.jsonl", "errors.jsonl", "manifest.json"):
             fs.get(f"{BUCKET}/run-1/{name}", str(local_copy / name))
         _print_summary(console, manifest, local_copy)
-        evaluation = _run_evaluation(s3, model_dir)
+        evaluation = _run_evaluation(s3, model_dir, console)
         (local_copy.parent / "eval-1").mkdir(parents=True, exist_ok=True)
         for name in ("metrics.json", "report.md"):
             fs.get(f"{BUCKET}/eval-1/{name}", str(local_copy.parent / "eval-1" / name))
-        curation = _run_curation(s3, workdir)
+        curation = _run_curation(s3, workdir, console)
         (workdir / "curation-1").mkdir(parents=True, exist_ok=True)
         for name in ("curated.parquet", "rejected.parquet", "manifest.json"):
             fs.get(f"{BUCKET}/curation-1/{name}", str(workdir / "curation-1" / name))
@@ -101,9 +105,8 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
     )
 
 
-def _run_curation(s3, workdir: Path) -> Manifest:
+def _run_curation(s3, workdir: Path, console: Console) -> Manifest:
     """A small image corpus (good, broken and duplicate images) curated with a tiny VLM."""
-    from prefect_rayllm.flows.cli import run_with_progress
     from prefect_rayllm.flows.curation import curate_images
     from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
     from prefect_rayllm.rayllm_stages.testing.image_corpus import build_corpus
@@ -120,12 +123,11 @@ def _run_curation(s3, workdir: Path) -> Manifest:
         filter={"min_width": 32, "min_height": 32},
         storage_options=s3.storage_options,
     )
-    return run_with_progress(curate_images, "curate", config, False)
+    return run_with_progress(curate_images, "curate", config, False, console)
 
 
-def _run_evaluation(s3, model_dir: Path):
+def _run_evaluation(s3, model_dir: Path, console: Console):
     """The same model on the toy task's evaluation set, with a gate it should pass."""
-    from prefect_rayllm.flows.cli import run_with_progress
     from prefect_rayllm.flows.evaluation import evaluate
     from prefect_rayllm.rayllm_stages.evaluation.config import EvaluationConfig
 
@@ -144,7 +146,7 @@ def _run_evaluation(s3, model_dir: Path):
         gate={"min": {"exact_match": 0.8}},
         storage_options=s3.storage_options,
     )
-    return run_with_progress(evaluate, "evaluate", config, overwrite=True)
+    return run_with_progress(evaluate, "evaluate", config, True, console)
 
 
 def _print_summary(console: Console, manifest, local_copy: Path) -> None:

@@ -1,0 +1,104 @@
+"""The root of the `rayllm` command: the Typer app, its help panels, `--version`, and the one place
+where every command's errors become a message and an exit code.
+
+Exit codes, for every command: 0 done; 1 the run (or the operation) failed; 2 a bad config, input
+or argument. A config or input error is one message on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from prefect_rayllm.rayllm_stages.config.base import ConfigError
+
+# Help panels: what a command is for.
+JOBS = "Jobs"
+ENDPOINTS = "Endpoints"
+DEPLOYMENTS = "Deployments"
+LOCAL_TOOLS = "Local tools"
+
+console = Console(stderr=True, soft_wrap=True)  # messages whole: a path is never cut
+
+
+class CommandFailed(Exception):
+    """An expected failure (a version not running, an endpoint not found): `error: <message>`, exit 1."""
+
+
+class _Commands(TyperGroup):
+    """The root command group: whatever a command raises ends here, once for all commands."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # exit codes, Ctrl-C, usage errors
+            raise
+        except ConfigError as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+        except CommandFailed as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            console.print(
+                f"[red]{escape(ctx.invoked_subcommand or 'rayllm')} failed:[/] {type(exc).__name__}: {escape(str(exc))}"
+            )
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    name="rayllm",
+    cls=_Commands,
+    help="Prefect flows over Ray Data LLM and Ray Serve LLM: batch inference, curation, chains, evaluation, rollout.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"prefect-rayllm {version('prefect-rayllm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Prefect flows over Ray Data LLM and Ray Serve LLM: batch inference, curation, chains, evaluation, rollout.
+
+    Exit codes: 0 done; 1 the run failed; 2 a bad config, input or argument.
+    """
+
+
+class Kind(StrEnum):
+    """A job kind, as `--kind` takes it."""
+
+    batch = "batch"
+    chain = "chain"
+    evaluation = "evaluation"
+    curation = "curation"
+    rollout = "rollout"
+
+
+def config_argument(what: str) -> Any:
+    return typer.Argument(..., exists=True, dir_okay=False, help=f"{what} (YAML).")
+
+
+def load_checked(kind: str, path: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """Load a job's config and check its input, before anything starts (no Ray, no Prefect server):
+    a missing input or a key that does not fit fails here, in about a second."""
+    from prefect_rayllm.rayllm_stages.jobs.kinds import check_job, load_job_config
+
+    _, config = load_job_config(path, kind, {k: v for k, v in (overrides or {}).items() if v is not None})
+    check_job(kind, config)
+    return config
