@@ -94,11 +94,13 @@ def config_argument(what: str) -> Any:
     return typer.Argument(..., exists=True, dir_okay=False, help=f"{what} (YAML).")
 
 
-def load_checked(kind: str, path: Path, overrides: dict[str, Any] | None = None) -> Any:
-    """Load a job's config and check its input, before anything starts (no Ray, no Prefect server):
-    a missing input or a key that does not fit fails here, in about a second."""
-    from prefect_rayllm.rayllm_stages.jobs.kinds import check_job, load_job_config
+def load_checked(kind: str, path: Path, overrides: dict[str, Any] | None = None, overwrite: bool = False) -> Any:
+    """Load a job's config and check its input and its output's earlier run, before anything starts
+    (no Ray, no Prefect server): a missing input, a key that does not fit, or an output holding a run
+    with other settings fails here, in about a second, as one message."""
+    from prefect_rayllm.rayllm_stages.jobs.kinds import check_job, check_resume, load_job_config
 
     _, config = load_job_config(path, kind, {k: v for k, v in (overrides or {}).items() if v is not None})
     check_job(kind, config)
+    check_resume(kind, config, overwrite)
     return config

@@ -57,7 +57,7 @@ def batch(
     Writes results.jsonl, errors.jsonl and manifest.json to the output location; a rerun on the
     same output resumes. Exit code 2: bad config or input; 1: the run failed.
     """
-    config = load_checked("batch", config_file, {"input": input, "output": output, "ray_address": ray_address})
+    config = load_checked("batch", config_file, {"input": input, "output": output, "ray_address": ray_address}, overwrite)
     from prefect_rayllm.flows.batch import batch_inference
 
     quiet_ray_logs()
@@ -82,7 +82,7 @@ def chain(
     and manifest.json; a rerun on the same output resumes, per step. Exit code 2: bad config or
     input; 1: the run failed.
     """
-    config = load_checked("chain", config_file, {"input": input, "output": output, "ray_address": ray_address})
+    config = load_checked("chain", config_file, {"input": input, "output": output, "ray_address": ray_address}, overwrite)
     from prefect_rayllm.flows.chain import run_chain
 
     quiet_ray_logs()
@@ -116,7 +116,7 @@ def evaluate(
     Writes scores.jsonl, metrics.json, report.md and plots/ to the output location. Exit code 0:
     the gate passed; 1: the gate (or the run) failed; 2: bad config or dataset.
     """
-    config = load_checked("evaluation", config_file, {"output": output, "ray_address": ray_address})
+    config = load_checked("evaluation", config_file, {"output": output, "ray_address": ray_address}, overwrite)
     from prefect_rayllm.flows.evaluation import evaluate as evaluate_flow
 
     quiet_ray_logs()
@@ -172,7 +172,7 @@ def curate(
     manifest.json. A rerun on the same output resumes. Exit code 2: bad config or source; 1: the
     run failed.
     """
-    config = load_checked("curation", config_file, {"output": output, "ray_address": ray_address})
+    config = load_checked("curation", config_file, {"output": output, "ray_address": ray_address}, overwrite)
     from prefect_rayllm.flows.curation import curate_images
 
     quiet_ray_logs()

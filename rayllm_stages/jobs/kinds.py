@@ -263,3 +263,50 @@ def _reading(url: str, read: Callable[[], Any]) -> Any:
 
 def _field_names(model: type[BaseModel]) -> set[str]:
     return {alias for name, field in model.model_fields.items() for alias in (name, field.alias) if alias}
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def check_resume(kind: str, config: Any, overwrite: bool = False) -> None:
+    """Refuse, as the job's `prepare` would, to resume an output that holds a run made with other
+    settings: here, before any runtime starts, instead of inside the flow.
+
+    Raises:
+        ResumeRefused: naming the output and each changed setting, unless `overwrite`.
+    """
+    from prefect_rayllm.rayllm_stages.jobs.lifecycle import ResumeRefused, describe_changes
+
+    if overwrite:
+        return
+    for job in _resumable_jobs(kind, config):
+        record = _reading(job.config.output, job.log.read_job)
+        fingerprint = job.fingerprint()
+        if record is not None and record.get("fingerprint") != fingerprint:
+            raise ResumeRefused(
+                f"output {job.config.output} holds a {job.kind} run with other settings "
+                f"({describe_changes(record.get('fingerprint') or {}, fingerprint)}); "
+                "rerun with overwrite (--overwrite) to start over, or choose another output"
+            )
+
+
+def _resumable_jobs(kind: str, config: Any) -> list[Any]:
+    """The resumable jobs a run of `config` prepares (an evaluation: each target's answer and judge chains)."""
+    if kind == "batch":
+        from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob
+
+        return [BatchJob(config)]
+    if kind == "chain":
+        from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
+
+        return [ChainJob(config)]
+    if kind == "curation":
+        from prefect_rayllm.rayllm_stages.curation.run import CurationJob
+
+        return [CurationJob(config)]
+    if kind == "evaluation":
+        from prefect_rayllm.rayllm_stages.evaluation.run import answer_chain_config, judge_chain_config
+        from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
+
+        chains = [answer_chain_config(config, target) for target in config.targets]
+        chains += [judge for target in config.targets if (judge := judge_chain_config(config, target)) is not None]
+        return [ChainJob(chain) for chain in chains]
+    return []  # a rollout keeps no run log: a retry reuses the version it deployed

@@ -114,3 +114,25 @@ def test_the_judge_rubric_may_use_reference_from_the_cli(tmp_path: Path) -> None
         0,
         f"ok: {config} is a valid evaluation config; {dataset}: 1 examples; targets: t\n",
     )
+
+
+def test_an_output_with_another_runs_settings_is_one_message_not_a_traceback(tmp_path: Path) -> None:
+    from conftest import openai_line
+
+    from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
+    from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(openai_line("a", "Is red warm or cool?") + "\n")
+    data = {"input": str(requests), "output": str(tmp_path / "out"), "model": {"source": "m"}, "sampling": {"max_tokens": 8}}
+    BatchJob(BatchJobConfig.model_validate(data)).prepare()  # an earlier run's record (no engine needed)
+    config = tmp_path / "batch.yaml"
+    config.write_text(json.dumps({**data, "sampling": {"max_tokens": 16}}))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect_rayllm.flows.cli", "batch", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and time.monotonic() - started < LIMIT_S
+    assert done.stderr.startswith(f"error: output {tmp_path}/out holds a batch run with other settings (")
+    assert done.stderr.endswith("rerun with overwrite (--overwrite) to start over, or choose another output\n")
+    assert len(done.stderr.splitlines()) == 1

@@ -182,3 +182,39 @@ def test_rollout_checks_its_evaluation_dataset_and_candidate(tmp_path: Path) -> 
     (tmp_path / "eval.jsonl").write_text('{"input": "Is red warm or cool?", "reference": "warm"}\n')
     with pytest.raises(ConfigError, match=f"candidate.source: {tmp_path}/models/tiny does not exist"):
         check_job("rollout", config)
+
+
+def test_an_output_holding_a_run_with_other_settings_is_refused_before_any_runtime(tmp_path: Path) -> None:
+    from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob
+    from prefect_rayllm.rayllm_stages.jobs.kinds import check_resume
+    from prefect_rayllm.rayllm_stages.jobs.lifecycle import ResumeRefused
+
+    earlier = _batch(tmp_path, [openai_line("a", "Is red warm or cool?")], sampling={"max_tokens": 8})
+    BatchJob(earlier).prepare()  # the earlier run's record in the output (no engine needed)
+    check_resume("batch", earlier)  # the same settings resume
+    now = _batch(tmp_path, [openai_line("a", "Is red warm or cool?")], sampling={"max_tokens": 16})
+    with pytest.raises(ResumeRefused, match=r"holds a batch run with other settings \(.*max_tokens.*\); rerun with overwrite"):
+        check_resume("batch", now)
+    check_resume("batch", now, overwrite=True)
+
+
+def test_an_evaluation_checks_each_targets_answers(tmp_path: Path) -> None:
+    from prefect_rayllm.rayllm_stages.evaluation.run import answer_chain_config
+    from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
+    from prefect_rayllm.rayllm_stages.jobs.kinds import check_resume
+    from prefect_rayllm.rayllm_stages.jobs.lifecycle import ResumeRefused
+
+    dataset = tmp_path / "eval.jsonl"
+    dataset.write_text('{"input": "Is red warm or cool?", "reference": "warm"}\n')
+    data = {
+        "name": "e",
+        "dataset": {"path": str(dataset)},
+        "output": str(tmp_path / "evals"),
+        "targets": [{"name": "t", "model": {"source": "m"}}],
+        "metrics": [{"type": "exact_match"}],
+    }
+    _, earlier = load_job_config(_yaml(tmp_path, data))
+    ChainJob(answer_chain_config(earlier, earlier.targets[0])).prepare()
+    _, now = load_job_config(_yaml(tmp_path, {**data, "sampling": {"max_tokens": 3}}))
+    with pytest.raises(ResumeRefused, match="targets/t/answers holds a chain run with other settings"):
+        check_resume("evaluation", now)
