@@ -14,6 +14,7 @@ from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob, Execution, Prepara
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.progress import ProgressReporter
 from prefect_rayllm.tasks.reporting import artifact_key
+from prefect_rayllm.tasks.runtime import worker_logs_to_task
 from prefect_rayllm.tasks.secrets import resolve_api_key
 
 
@@ -72,6 +73,7 @@ EXECUTION_RETRIES: dict[str, Any] = dict(
 
 
 @task(name="run-batch", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
+@worker_logs_to_task
 def run_batch(config: BatchJobConfig) -> Execution:
     """Run every row not yet committed through the engine; a retry picks up where this stopped.
 

@@ -12,6 +12,7 @@ from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.batch import EXECUTION_RETRIES, STORAGE_RETRIES
 from prefect_rayllm.tasks.progress import ProgressReporter
 from prefect_rayllm.tasks.reporting import artifact_key
+from prefect_rayllm.tasks.runtime import worker_logs_to_task
 from prefect_rayllm.tasks.secrets import resolve_api_key
 
 
@@ -30,6 +31,7 @@ def prepare_chain(config: ChainJobConfig, overwrite: bool = False) -> Preparatio
 
 
 @task(name="run-chain", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
+@worker_logs_to_task
 def run_chain_steps(config: ChainJobConfig) -> Execution:
     """Run all steps at once as one pipeline; rows resume at the step after their last saved one.
 

@@ -184,8 +184,10 @@ def router_application(table: RouteTable, replicas: int = 1):
         name=ROUTER_DEPLOYMENT,
         num_replicas=replicas,
         max_ongoing_requests=1000,
-        # It holds no model; it must never wait for a CPU the engines hold.
-        ray_actor_options={"num_cpus": 0},
+        # It holds no model; it must never wait for a CPU the engines hold. Its own (empty)
+        # runtime_env: Serve otherwise gives it the deploying driver's job runtime_env, and a
+        # driver with another one (another Prefect API URL) would restart the router mid-rollout.
+        ray_actor_options={"num_cpus": 0, "runtime_env": {}},
     )
     # `version` is internal in Serve 2.60; without it every deploy gets a random code version and
     # replaces the replicas, which is the restart a traffic shift must avoid.

@@ -17,6 +17,8 @@ from typing import Any
 
 import psutil
 
+from prefect_rayllm.rayllm_stages.runtime import worker_logs
+
 logger = logging.getLogger(__name__)
 
 REGISTRY = Path(os.environ.get("RAYLLM_CACHE_DIR", Path.home() / ".cache" / "rayllm")) / "local-ray"
@@ -50,6 +52,7 @@ def connect(address: str | None = None, *, env_vars: dict[str, str] | None = Non
     log_to_driver = os.environ.get("RAYLLM_RAY_LOGS", "1") != "0"
     if address:
         ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=log_to_driver)
+        worker_logs.keep_root_logging()
         return _describe(started_here=False)
     reap_orphaned_local_clusters()
     ray.init(
@@ -59,6 +62,7 @@ def connect(address: str | None = None, *, env_vars: dict[str, str] | None = Non
         log_to_driver=log_to_driver,
     )
     _register_local_cluster()
+    worker_logs.keep_root_logging()
     return _describe(started_here=True)
 
 

@@ -10,6 +10,10 @@ and at most `max_lines_per_minute` pass per minute (the rest are counted and rep
 The level comes from `RAYLLM_RAY_LOG_LEVEL` (default WARNING; OFF turns forwarding off). Ray must
 be connected with `log_to_driver=True` (the default; `RAYLLM_RAY_LOGS=0` switches it off).
 
+`forwarding_to(logger)` sends the lines to another logger while a block runs (the task that runs
+the engine), then back. `keep_root_logging()` stops Ray Serve LLM's import from taking over this
+process's root logger (it replaces its handlers with a JSON one at INFO).
+
 Example:
     ```python
     import logging
@@ -27,6 +31,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 LEVEL_ENV = "RAYLLM_RAY_LOG_LEVEL"
@@ -184,11 +190,65 @@ def forward_worker_logs(
     cap = max_lines_per_minute or int(os.environ.get(MAX_LINES_ENV) or DEFAULT_MAX_LINES_PER_MINUTE)
     forwarder = WorkerLogForwarder(logger, threshold, cap)
     dispatcher.add_handler(HANDLER_NAME, forwarder)
+    global _active
+    _active = forwarder
     return forwarder
+
+
+_active: WorkerLogForwarder | None = None
 
 
 def stop_forwarding() -> None:
     """Stop sending worker output to the last logger."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    global _active
     dispatcher.remove_handler(HANDLER_NAME)
+    _active = None
+
+
+def active_forwarder() -> WorkerLogForwarder | None:
+    """The forwarder installed by the last `forward_worker_logs` (None: none, or forwarding off)."""
+    return _active
+
+
+@contextmanager
+def forwarding_to(logger: logging.Logger | logging.LoggerAdapter) -> Iterator[WorkerLogForwarder | None]:
+    """Send forwarded worker lines to `logger` while the block runs, then to the previous logger
+    again (level, repeat filter and rate cap carry on). Does nothing when nothing is forwarded.
+
+    Example (the lines of the engine a task runs land in that task's log):
+        ```python
+        with forwarding_to(get_run_logger()):
+            run_the_engine()
+        ```
+    """
+    forwarder = _active
+    if forwarder is None:
+        yield None
+        return
+    previous, forwarder.logger = forwarder.logger, logger
+    try:
+        yield forwarder
+    finally:
+        forwarder.logger = previous
+
+
+def keep_root_logging() -> None:
+    """Import Ray Serve LLM now, keeping this process's root logger as it is.
+
+    Importing `ray.llm._internal.serve` (which `ray.serve.llm` and the Serve engine paths do)
+    replaces the root logger's handlers with one that writes JSON to stderr, and sets its level to
+    INFO: every library's INFO records (HTTP requests included) then reach the console as JSON. It
+    does so once per process, so importing it here first, and putting the root logger back, keeps
+    the console as the application configured it. Without Ray Serve LLM installed it does nothing.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import ray.llm._internal.serve  # noqa: F401
+    except Exception:  # not installed, or not importable here: nothing takes the root logger over
+        return
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

@@ -72,18 +72,20 @@ def test_forwarder_filters_level_repeats_and_caps_the_rate(caplog):
 
 
 def test_worker_lines_reach_the_flow_run_log_at_the_chosen_level(prefect_server, ray_session, monkeypatch):
+    """Lines land in the flow run's log (not in `connect-ray`'s), and in the log of the task that
+    runs the engine while it runs."""
     import ray
-    from prefect import flow
+    from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.context import FlowRunContext
+    from prefect.context import FlowRunContext, TaskRunContext
 
-    from prefect_rayllm.tasks.runtime import connect_ray
+    from prefect_rayllm.tasks.runtime import connect_ray, worker_logs_to_task
 
     @ray.remote
-    def chatty(n: int) -> int:
+    def chatty(n: int, marker: str) -> int:
         print("INFO 11-24 10:00:00 [worker.py:1] routine progress line", flush=True)
-        print("WARNING 11-24 10:00:00 [worker.py:2] marker-warning-7f3a: KV cache is small", flush=True)
+        print(f"WARNING 11-24 10:00:00 [worker.py:2] {marker}: KV cache is small", flush=True)
         for i in range(n):
             print(f"ERROR flood line {'x' * (i % 50)}{chr(65 + i % 26)}", flush=True)
         return n
@@ -91,23 +93,58 @@ def test_worker_lines_reach_the_flow_run_log_at_the_chosen_level(prefect_server,
     monkeypatch.setenv(ray_logs.LEVEL_ENV, "WARNING")
     monkeypatch.setenv(ray_logs.MAX_LINES_ENV, "20")
 
-    @flow(name="ray-logs-probe")
-    def probe() -> str:
-        connect_ray()
-        ray.get(chatty.remote(300))
+    @task(name="run-engine")
+    @worker_logs_to_task
+    def run_engine() -> str:
+        ray.get(chatty.remote(0, "marker-engine-task-5d1c"))
         time.sleep(3)  # Ray ships worker output to the driver asynchronously
-        return str(FlowRunContext.get().flow_run.id)
+        return str(TaskRunContext.get().task_run.id)
 
-    run_id = probe()
+    @flow(name="ray-logs-probe")
+    def probe() -> tuple[str, str]:
+        connect_ray()
+        engine_task_id = run_engine()  # before the flood below uses up the per-minute cap
+        ray.get(chatty.remote(300, "marker-warning-7f3a"))
+        time.sleep(3)
+        return str(FlowRunContext.get().flow_run.id), engine_task_id
+
+    run_id, engine_task_id = probe()
     deadline = time.time() + 30
     with get_client(sync_client=True) as client:
         while True:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
             messages = [log.message for log in logs]
-            if any("marker-warning-7f3a" in m for m in messages) or time.time() > deadline:
+            if (
+                any("marker-warning-7f3a" in m for m in messages) and any("marker-engine-task-5d1c" in m for m in messages)
+            ) or time.time() > deadline:
                 break
             time.sleep(1)
     ray_lines = [m for m in messages if m.startswith("[ray ")]
     assert any("marker-warning-7f3a" in m for m in ray_lines), messages
     assert not any("routine progress line" in m for m in ray_lines)
     assert 2 <= len(ray_lines) <= 20, len(ray_lines)  # 301 lines at WARNING or above, capped
+    (flow_line,) = [log for log in logs if "marker-warning-7f3a" in log.message]
+    (task_line,) = [log for log in logs if "marker-engine-task-5d1c" in log.message]
+    assert flow_line.task_run_id is None, "a flow-level worker line is attached to a task"
+    assert str(task_line.task_run_id) == engine_task_id
+
+
+def test_importing_ray_serve_llm_leaves_the_root_logger_alone():
+    """Ray Serve LLM's import replaces the root logger's handlers with a JSON one at INFO (every
+    library's INFO records, HTTP requests included, then reach the console as JSON)."""
+    import subprocess
+    import sys
+
+    script = """
+import logging
+logging.basicConfig(level=logging.WARNING, format="plain %(message)s")
+before = [type(h.formatter).__name__ for h in logging.getLogger().handlers]
+from prefect_rayllm.rayllm_stages.runtime import worker_logs
+worker_logs.keep_root_logging()
+import ray.serve.llm  # noqa: F401
+after = [type(h.formatter).__name__ for h in logging.getLogger().handlers]
+print(before == after, logging.getLogger().level == logging.WARNING, after)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].startswith("True True"), run.stdout
