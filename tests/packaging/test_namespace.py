@@ -55,7 +55,9 @@ def test_version_and_collection_entry_point() -> None:
 def test_wheel_has_one_top_level_namespace(tmp_path: Path) -> None:
     # Built from a copy: setuptools writes build/ and *.egg-info into the source folder.
     source = tmp_path / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", ".rayllm", "bench", "tests"))
+    shutil.copytree(
+        REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", ".rayllm", "bench", "tests")
+    )
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True,
@@ -68,4 +70,6 @@ def test_wheel_has_one_top_level_namespace(tmp_path: Path) -> None:
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"prefect_rayllm"}
     assert "prefect_rayllm/deployments/prefect.yaml" in names
+    # the CLI package, with its module entry point (`python -m prefect_rayllm.flows.cli`)
+    assert {f"prefect_rayllm/flows/cli/{m}.py" for m in ("__init__", "__main__", "app", "jobs", "tools")} <= set(names)
     assert not any("/testing/" in name and name.endswith("conftest.py") for name in names)
