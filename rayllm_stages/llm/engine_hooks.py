@@ -1,0 +1,110 @@
+"""A Ray worker setup hook for Ray Data LLM's vLLM stage: final outputs only, and the engine's capacity.
+
+Ray's vLLM stage (ray 2.60) builds `vllm.SamplingParams` with vLLM's default output kind,
+CUMULATIVE: the engine's front end then builds a `RequestOutput` holding every token so far for each
+running request after every decode step, and wakes the request's coroutine, though Ray keeps only
+the last one. That is Python work per request per step in the engine actor's one event loop; on a
+fast GPU it saturates that loop, finished requests are handed back late, and fewer new requests
+reach the engine (vLLM's own `run_batch` asks for FINAL_ONLY for the same reason). `install` makes
+the stage ask for FINAL_ONLY (same results: Ray returns only the finished output), and stamps the
+engine's real capacity (`max_num_seqs`, KV-cache tokens) into each output's `metrics` so the run can
+report how full the engine was (`runtime.engine_stats`).
+
+Named in the engine stage's runtime_env as `worker_process_setup_hook` (see `HOOK`); every failure
+is logged and leaves Ray's stage as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+HOOK = "prefect_rayllm.rayllm_stages.llm.engine_hooks.install"
+CAPACITY_KEYS = ("rayllm_max_num_seqs", "rayllm_kv_tokens")
+_capacity: dict[str, float] = {}
+
+
+def install() -> None:
+    """Patch Ray's vLLM stage in this worker process (idempotent, never raises)."""
+    try:
+        _install()
+    except Exception as exc:  # an older or newer Ray: run its stage unchanged
+        logger.warning("rayllm engine hook not installed (%s: %s)", type(exc).__name__, exc)
+
+
+def _install() -> None:
+    import importlib
+
+    stage: Any = importlib.import_module("ray.llm._internal.batch.stages.vllm_engine_stage")
+    wrapper: Any = stage.vLLMEngineWrapper
+    if getattr(wrapper, "_rayllm_hooked", False):
+        return
+    original_prepare = wrapper._prepare_llm_request
+    original_init = wrapper.__init__
+    original_output = stage.vLLMOutputData.from_vllm_engine_output.__func__
+
+    async def _prepare_llm_request(self: Any, row: dict[str, Any]) -> Any:
+        request = await original_prepare(self, row)
+        final_only(request.params)
+        return request
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        _capacity.update(engine_capacity_of(self))
+
+    def from_vllm_engine_output(cls: Any, output: Any) -> Any:
+        data = original_output(cls, output)
+        if isinstance(data.metrics, dict) and _capacity:
+            data.metrics = {**data.metrics, **_capacity}
+        return data
+
+    wrapper._prepare_llm_request = _prepare_llm_request
+    wrapper.__init__ = __init__
+    stage.vLLMOutputData.from_vllm_engine_output = classmethod(from_vllm_engine_output)
+    wrapper._rayllm_hooked = True
+
+
+def final_only(params: Any) -> None:
+    """Ask for the finished output only (sampling params of one sequence, CUMULATIVE by default)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    if isinstance(params, SamplingParams) and params.output_kind == RequestOutputKind.CUMULATIVE and params.n == 1:
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+
+
+def engine_capacity_of(engine_wrapper: Any) -> dict[str, float]:
+    """max_num_seqs and KV-cache tokens of a started Ray vLLM engine wrapper ({} where unknown)."""
+    found: dict[str, float] = {}
+    try:
+        config = engine_wrapper.engine.vllm_config
+        found["rayllm_max_num_seqs"] = float(config.scheduler_config.max_num_seqs)
+        blocks = config.cache_config.num_gpu_blocks
+        if blocks:
+            found["rayllm_kv_tokens"] = float(blocks * config.cache_config.block_size)
+    except Exception:
+        pass
+    return found
+
+
+CPU_STAGES = ("chat_template_stage", "tokenize_stage", "detokenize_stage", "prepare_multimodal_stage")
+
+
+def with_engine_hook(options: dict[str, Any]) -> dict[str, Any]:
+    """`vLLMEngineProcessorConfig` options whose engine stage runs `install` at worker start.
+
+    The processor's runtime_env reaches every stage; the CPU stages configured as dicts keep the
+    runtime_env they had, so only the engine actor imports vLLM for the hook. A runtime_env that
+    names its own setup hook is left alone.
+    """
+    runtime_env = dict(options.get("runtime_env") or {})
+    if "worker_process_setup_hook" in runtime_env:
+        return options
+    options = dict(options)
+    for stage in CPU_STAGES:
+        config = options.get(stage)
+        if isinstance(config, dict) and "runtime_env" not in config:
+            options[stage] = {**config, "runtime_env": dict(runtime_env)}
+    options["runtime_env"] = {**runtime_env, "worker_process_setup_hook": HOOK}
+    return options
