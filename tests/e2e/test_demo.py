@@ -18,7 +18,10 @@ def test_demo_runs_everything_locally(tmp_path, prefect_server, ray_session):
     assert evaluation["passed"] is True
     assert evaluation["summaries"]["tiny-chat"]["metrics"]["exact_match"]["mean"] == 1.0
     curation = json.loads((tmp_path / "curation-1" / "manifest.json").read_text())
-    assert curation["input"] == curation["curated"] + curation["rejected"] and curation["curated"] == 8
+    counts = curation["counts"]
+    assert (
+        curation["job"] == "curation" and counts["total"] == counts["completed"] + counts["failed"] and counts["completed"] == 8
+    )
 
 
 def test_help_documents_every_command():
