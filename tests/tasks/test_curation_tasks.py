@@ -1,6 +1,7 @@
-"""Curation tasks without a model: preparing a run (listing, the job record, refusal), writing the
-outputs of records (fetch and decode stages run here, rules, dedup) and publishing the report, with
-its per-stage table and contact sheet read back from a real Prefect server."""
+"""The curation tasks (tasks/curation.py; the file is named apart from tests/e2e/test_curation.py)
+without a model: preparing a run (listing, the job record, refusal), writing the outputs of records
+(fetch and decode stages run here, rules, dedup) and publishing the report, with its per-stage
+table and contact sheet read back from a real Prefect server."""
 
 from __future__ import annotations
 
