@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +76,37 @@ def serve(
     prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, limit: int | None = None, port: int = DEFAULT_PORT
 ) -> None:
     """Serve the deployments until interrupted, starting a local Prefect server when none is configured."""
-    from prefect.settings import PREFECT_API_URL
-
     specs = deployment_specs(prefect_file, names)
-    os.environ[PREFECT_FILE_ENV] = str(Path(prefect_file).resolve())  # for the runs' entrypoints
-    for spec in specs:  # the job environment the work pool would set (e.g. RAYLLM_RAY_LOG_LEVEL)
+    serving_environment(prefect_file, specs)
+    with prefect_api(port) as url:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: url}):
+            _run(specs, limit)
+
+
+def serving_environment(prefect_file: str | Path, specs: list[DeploymentSpec]) -> None:
+    """The environment served runs need: the prefect.yaml their entrypoints read, and the job
+    environment the work pool would set (e.g. RAYLLM_RAY_LOG_LEVEL; flow retries come from the entrypoint)."""
+    os.environ[PREFECT_FILE_ENV] = str(Path(prefect_file).resolve())
+    for spec in specs:
         for key, value in spec.env.items():
             if key not in RETRY_ENV:
                 os.environ.setdefault(key, value)
+
+
+@contextmanager
+def prefect_api(port: int = DEFAULT_PORT) -> Iterator[str]:
+    """The Prefect API URL to use, also set as PREFECT_API_URL for this process and its children:
+    the configured one, else a local server on `port` (reused when one answers there, else started
+    here with the UI and stopped on exit; a SIGTERM then stops the caller the way Ctrl-C does)."""
+    from prefect.settings import PREFECT_API_URL
+
     server = None
-    if not os.environ.get("PREFECT_API_URL") and not PREFECT_API_URL.value():
-        local_url = f"http://127.0.0.1:{port}/api"
-        if not api_healthy(local_url):
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if not url:
+        url = f"http://127.0.0.1:{port}/api"
+        if not api_healthy(url):
             server = LocalPrefectServer(port=port, ui=True)
             print(
                 f"starting a local Prefect server at {server.ui_url} (PREFECT_HOME: "
@@ -93,14 +114,10 @@ def serve(
                 file=sys.stderr,
             )
             server.start()
-            # A SIGTERM stops serving the way Ctrl-C does, so that the server below stops too.
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-        os.environ["PREFECT_API_URL"] = local_url
+    os.environ["PREFECT_API_URL"] = url
     try:
-        from prefect.settings import temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):
-            _run(specs, limit)
+        yield url
     finally:
         if server is not None:
             server.stop()

@@ -96,6 +96,16 @@ class RunLog:
                 found.append((part, stats))
         return found
 
+    def committed_stats(self) -> PartStats:
+        """What the whole parts hold, summed. Read only: a part being written (or cut short) is
+        skipped, never deleted, so another process may call this while the job runs."""
+        total = PartStats()
+        for part in self.parts.list_files(".part"):
+            stats = _read_header_if_complete(part)
+            if stats is not None:
+                total.absorb(stats)
+        return total
+
     def done_indexes(self) -> set[int]:
         done: set[int] = set()
         for _, stats in self.complete_parts():
