@@ -19,21 +19,37 @@ def validate(
     check_input: bool = typer.Option(
         True, "--input/--no-input", help="Also check the input as the job would (exists, format, first lines, fields)."
     ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="An input or model folder that is not there (or not reachable from here) is an error, not a warning.",
+    ),
 ) -> None:
     """Check a job config of any kind and its input; starts nothing.
 
     Batch, chain, evaluation, curation or rollout (told from the keys, or --kind): the keys and
     values, then the input as `rayllm <job>` checks it before it starts Ray, Prefect or an engine.
+    An input that is not there yet (a model to build, data on the cluster's storage) is a warning
+    unless --strict; an input that is there and unfit is an error.
 
-    Exit code 0: valid; 2: a bad key (named, with its line), a missing or unfit input.
+    Exit code 0: valid; 2: a bad key (named, with its line), an unfit input (or, with --strict, a missing one).
     """
+    from prefect_rayllm.rayllm_stages.config.base import InputUnavailable
     from prefect_rayllm.rayllm_stages.jobs.kinds import check_job, load_job_config
 
     found, config = load_job_config(config_file, kind.value if kind else None)
     if not check_input:
         typer.echo(f"ok: {config_file} is a valid {found} config (input not checked)")
         return
-    typer.echo(f"ok: {config_file} is a valid {found} config; {check_job(found, config, count=True)}")
+    try:
+        summary = check_job(found, config, count=True)
+    except InputUnavailable as exc:
+        if strict:
+            raise
+        typer.echo(f"ok: {config_file} is a valid {found} config (input not checked)")
+        typer.echo(f"warning: {exc}", err=True)
+        return
+    typer.echo(f"ok: {config_file} is a valid {found} config; {summary}")
 
 
 @commands.command(rich_help_panel=LOCAL_TOOLS)

@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """A job configuration that cannot run; the message names the key or field at fault."""
 
 
+class InputUnavailable(ConfigError):
+    """An input, dataset or model folder that is not there or not reachable from here (as opposed
+    to one that is there and unfit). A job refuses to start; `rayllm validate` only warns, since the
+    input may live where the job will run (a cluster's storage, a model built later)."""
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

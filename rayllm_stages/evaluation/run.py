@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from prefect_rayllm.rayllm_stages.config.base import ConfigError
+from prefect_rayllm.rayllm_stages.config.base import ConfigError, InputUnavailable
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
 from prefect_rayllm.rayllm_stages.evaluation.config import (
     JUDGEMENT_COLUMN,
@@ -295,7 +295,7 @@ def _baseline_for(target: str, baseline: Mapping[str, list[ScoredExample]] | Non
 def read_scores(url: str, storage_options: dict[str, Any]) -> dict[str, list[ScoredExample]]:
     location = Location(url, storage_options)
     if not location.exists():
-        raise ConfigError(f"baseline.scores: {url} does not exist")
+        raise InputUnavailable(f"baseline.scores: {url} does not exist")
     try:
         return scores_from_jsonl(location.read_text())
     except ValueError as exc:

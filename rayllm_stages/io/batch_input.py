@@ -20,7 +20,7 @@ from typing import Any, Literal
 from jinja2.exceptions import TemplateError
 from pydantic import ValidationError
 
-from prefect_rayllm.rayllm_stages.config.base import ConfigError
+from prefect_rayllm.rayllm_stages.config.base import ConfigError, InputUnavailable
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig, SamplingParams
 from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.rayllm_stages.llm.prompts import check_template_fields, render_messages, template_fields
@@ -92,7 +92,7 @@ def check_input(config: BatchJobConfig) -> InputFormat:
     """Check, before any engine starts, that the input exists and fits the config."""
     source = Location(config.input, config.storage_options)
     if not source.exists():
-        raise ConfigError(f"input: {config.input} does not exist")
+        raise InputUnavailable(f"input: {config.input} does not exist")
     fmt = detect_format(config, source)
     if fmt == "openai_batch":
         if config.prompt is not None:
@@ -295,7 +295,7 @@ def check_table_input(config: Any) -> InputFormat:
     """For table-only jobs: the input exists, is a table, and has the id column."""
     source = Location(config.input, config.storage_options)
     if not source.exists():
-        raise ConfigError(f"input: {config.input} does not exist")
+        raise InputUnavailable(f"input: {config.input} does not exist")
     if config.input_format != "auto":
         fmt = config.input_format
     else:

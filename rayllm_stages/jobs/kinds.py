@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from prefect_rayllm.rayllm_stages.config.base import ConfigError, read_config_file, validate_config
+from prefect_rayllm.rayllm_stages.config.base import ConfigError, InputUnavailable, read_config_file, validate_config
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 from prefect_rayllm.rayllm_stages.io.storage import Location
 
@@ -126,13 +126,13 @@ def _check_evaluation(config: Any, count: bool, key: str = "") -> str:
 
     path = config.dataset.path
     if not _reading(path, Location(path, config.storage_options).exists):
-        raise ConfigError(f"{key}dataset.path: {path} does not exist")
+        raise InputUnavailable(f"{key}dataset.path: {path} does not exist")
     examples = _reading(path, lambda: check_evaluation(config))
     baseline = config.baseline
     if baseline is not None and baseline.scores:
         options = baseline.storage_options or config.storage_options
         if not _reading(baseline.scores, Location(baseline.scores, options).exists):
-            raise ConfigError(f"{key}baseline.scores: {baseline.scores} does not exist")
+            raise InputUnavailable(f"{key}baseline.scores: {baseline.scores} does not exist")
     models = [(f"{key}targets[{i}] ({t.name}).model", t.model) for i, t in enumerate(config.targets)]
     _check_models(models + ([(f"{key}judge.model", config.judge.model)] if config.judge else []), config.ray_address)
     return f"{config.dataset.path}: {examples} examples; targets: {', '.join(t.name for t in config.targets)}"
@@ -145,7 +145,7 @@ def _check_curation(config: Any, count: bool) -> str:
     key, url = ("source.url", source.url) if source.url is not None else ("source.manifest", source.manifest)
     location = Location(url, source.storage_options)
     if not _reading(url, location.exists):
-        raise ConfigError(f"{key}: {url} does not exist")
+        raise InputUnavailable(f"{key}: {url} does not exist")
     if source.manifest is not None:
         head = _reading(url, lambda: list(itertools.islice(iter_manifest_uris(location), HEAD_LINES)))
         if not head:
@@ -185,7 +185,7 @@ def _check_models(specs: Iterable[tuple[str, ModelSpec]], ray_address: str | Non
             continue
         path = local_model_path(spec.source)
         if path is not None and not path.exists():
-            raise ConfigError(f"{key}.source: {spec.source} does not exist (a model folder on this machine)")
+            raise InputUnavailable(f"{key}.source: {spec.source} does not exist (a model folder on this machine)")
 
 
 def local_model_path(source: str) -> Path | None:
@@ -252,13 +252,13 @@ def _reading(url: str, read: Callable[[], Any]) -> Any:
     except _BUGS:
         raise
     except FileNotFoundError:
-        raise ConfigError(f"{url} does not exist") from None
+        raise InputUnavailable(f"{url} does not exist") from None
     except UnicodeDecodeError:
         raise ConfigError(
             f"{url} is not UTF-8 text (a Parquet file needs the .parquet suffix or input_format: parquet)"
         ) from None
     except Exception as exc:
-        raise ConfigError(f"{url} cannot be read: {type(exc).__name__}: {exc}") from None
+        raise InputUnavailable(f"{url} cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def _field_names(model: type[BaseModel]) -> set[str]:

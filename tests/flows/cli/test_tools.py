@@ -27,6 +27,25 @@ def test_every_example_is_a_valid_config_of_its_kind(example: Path) -> None:
     assert outcome.output == f"ok: {example} is a valid {kind} config (input not checked)\n"
 
 
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates_in_a_fresh_checkout_with_a_warning_for_what_is_not_there(
+    example: Path, tmp_path, monkeypatch
+) -> None:
+    """Where the examples' models and data are not built yet, validate says so and exits 0;
+    --strict makes the first missing input an error with its path named."""
+    monkeypatch.chdir(tmp_path)  # nothing the examples name exists here
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # s3://my-bucket unreachable at once
+    outcome = CliRunner().invoke(app, ["validate", str(example)])
+    assert outcome.exit_code == 0, outcome.output
+    assert outcome.output.startswith(f"ok: {example} is a valid ")
+    strict = CliRunner().invoke(app, ["validate", str(example), "--strict"])
+    if "warning: " in outcome.output:
+        warning = outcome.output.split("warning: ", 1)[1].strip()
+        assert strict.exit_code == 2 and warning in strict.output
+    else:
+        assert strict.exit_code == 0
+
+
 @pytest.fixture
 def examples_workdir(tmp_path: Path, tiny_models, tiny_vlm, local_s3, monkeypatch) -> Path:
     """A working directory where every example's input exists: the examples and their data, the
