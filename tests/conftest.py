@@ -21,8 +21,26 @@ os.environ.setdefault("RAYLLM_CACHE_DIR", tempfile.mkdtemp(prefix="rayllm-test-c
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property-based tests (hypothesis): "ci" (the default) runs few generated examples, the same ones
+# every run (derandomized, no example database), so CI time stays flat; "nightly" runs many, new
+# ones each time, and keeps failing examples in .hypothesis/ to replay them. Select with
+#     RAYLLM_HYPOTHESIS_PROFILE=nightly .venv/bin/python -m pytest -p no:cacheprovider \
+#         tests/e2e/test_batch_properties.py tests/e2e/test_chain_properties.py tests/rayllm_stages/llm/
+# Each test sets its own example counts through `examples(ci=..., nightly=...)`.
+HYPOTHESIS_PROFILE = os.environ.get("RAYLLM_HYPOTHESIS_PROFILE", "ci")
+_slow_ok = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, suppress_health_check=_slow_ok, print_blob=True)
+settings.register_profile("nightly", deadline=None, suppress_health_check=_slow_ok, print_blob=True)
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def examples(ci: int, nightly: int) -> int:
+    """A property test's example count under the selected profile."""
+    return nightly if HYPOTHESIS_PROFILE == "nightly" else ci
 
 
 def openai_line(custom_id: str, content, max_tokens: int = 8, **body) -> str:
@@ -66,6 +84,28 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "good": build_tiny_chat_model(root / "tiny-good", trained=True),
         "bad": build_tiny_chat_model(root / "tiny-bad", trained=False),
     }
+
+
+@pytest.fixture(scope="session")
+def shared_serve_engine(ray_session, tiny_models):
+    """One real CPU vLLM engine (the good tiny model, context 256) hosted by Ray Serve for the whole
+    session, so that property tests can run many small jobs without starting an engine each; yields
+    the `model` config that reaches it."""
+    from prefect_rayllm.rayllm_stages.config.models import ModelSpec
+    from prefect_rayllm.rayllm_stages.llm.serve_engine import delete_engine, ensure_engine
+
+    model = {
+        "source": str(tiny_models["good"]),
+        "id": "tiny-shared",
+        "engine": "serve",
+        "serve_app": "rayllm-test-session-engine",
+        "keep_serving": True,
+        "engine_kwargs": {"max_model_len": 256},
+        "batch_size": 4,
+    }
+    engine = ensure_engine(ModelSpec.model_validate(model), gpu=False)
+    yield model
+    delete_engine(engine.app_name)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,9 @@ from prefect_rayllm.rayllm_stages.config.base import RowJobConfig, StrictModel
 
 
 class SamplingParams(StrictModel):
-    """Sampling defaults for every row; an OpenAI Batch request body may override them per row."""
+    """Sampling defaults for every row; an OpenAI Batch request body may override them per row.
+
+    What reaches the engine is `llm.rows.EngineSampling` (every key, fixed types) built from these."""
 
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -36,17 +38,6 @@ class SamplingParams(StrictModel):
         if value is not None and value != -1 and value < 1:
             raise ValueError("top_k must be -1 (off) or at least 1")
         return value
-
-    def for_engine(self) -> dict[str, Any]:
-        """The vLLM `SamplingParams` kwargs, with the same keys for every row.
-
-        Rows travel through Ray Data as Arrow blocks: a key that some rows lack becomes a nullable
-        column, and nullable ints can come back as floats, which vLLM's engine rejects.
-        """
-        values = self.model_dump()
-        values["top_k"] = -1 if values["top_k"] is None else values["top_k"]
-        values["stop"] = values["stop"] or []
-        return {k: v for k, v in values.items() if v is not None}
 
 
 class PromptTemplate(StrictModel):

@@ -29,8 +29,9 @@ from prefect_rayllm.rayllm_stages.curation.decode import DecodeConfig, DecodeIma
 from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig, FetchImages, object_column
 from prefect_rayllm.rayllm_stages.curation.filters import FilterConfig, dedup, rule_rejections
 from prefect_rayllm.rayllm_stages.curation.records import METADATA, as_record, empty_record, plain_value
-from prefect_rayllm.rayllm_stages.llm.engines import LIGHT_MAP_KWARGS, engine_error_of
-from prefect_rayllm.rayllm_stages.llm.vision import DEFAULT_SCORE_SCHEMA, IMAGE_COLUMN, ImageStep
+from prefect_rayllm.rayllm_stages.llm.engines import LIGHT_MAP_KWARGS
+from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling, RowFailure, row_error, rows_table
+from prefect_rayllm.rayllm_stages.llm.vision import DEFAULT_SCORE_SCHEMA, IMAGE_COLUMN, IMAGE_SCHEMA, ImageStep
 
 
 def _is_dataset(data: Any) -> bool:
@@ -135,28 +136,29 @@ def decode_stage(data: Any, config: DecodeConfig | dict[str, Any] | None = None,
     )
 
 
-def _to_vlm_rows(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Decoded columns -> the step's columns; a row that failed to fetch or decode carries its
-    error (and stage) so the VLM step passes it through with a placeholder request."""
-    rows = len(batch["uri"])
-    empty = [""] * rows
+def _to_vlm_rows(batch: dict[str, np.ndarray]):
+    """Decoded columns -> rows of the row contract (`llm.rows.ROW_SCHEMA`) plus the image; a row
+    that failed to fetch or decode carries its error (and stage), so the VLM step passes it by."""
+    count = len(batch["uri"])
+    empty = [""] * count
     fetch_errors, decode_errors = batch.get("fetch_error", empty), batch.get("decode_error", empty)
-    indexes = batch.get("row_index", range(rows))
-    out: dict[str, list[Any]] = {
-        name: [] for name in ("row_index", "row_key", "row_json", "usage_json", IMAGE_COLUMN, "rayllm_error", "failed_step")
-    }
-    for i in range(rows):
+    indexes = batch.get("row_index", range(count))
+    out = []
+    for i in range(count):
         metadata = {name: plain_value(batch[name][i]) for name in METADATA if name in batch}
         fetch_error, decode_error = str(fetch_errors[i] or ""), str(decode_errors[i] or "")
         image = batch["image"][i] if "image" in batch else b""
-        out["row_index"].append(int(indexes[i]))
-        out["row_key"].append(str(batch["uri"][i]))
-        out["row_json"].append(json.dumps(metadata))
-        out["usage_json"].append("{}")
-        out[IMAGE_COLUMN].append(bytes(image or b""))
-        out["rayllm_error"].append(fetch_error or decode_error)
-        out["failed_step"].append("fetch" if fetch_error else "decode" if decode_error else "")
-    return out
+        row: dict[str, Any] = {
+            "row_index": int(indexes[i]),
+            "row_key": str(batch["uri"][i]),
+            "row_json": json.dumps(metadata),
+            IMAGE_COLUMN: bytes(image or b""),
+        }
+        if fetch_error or decode_error:
+            stage = "fetch" if fetch_error else "decode"
+            row["error"] = RowFailure(code=f"{stage}_error", message=fetch_error or decode_error, step=stage).column()
+        out.append(row)
+    return rows_table(out, extra=IMAGE_SCHEMA)
 
 
 def _record_from_vlm_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -164,9 +166,9 @@ def _record_from_vlm_row(row: dict[str, Any]) -> dict[str, Any]:
     metadata = json.loads(row.get("row_json") or "{}")
     record = empty_record(str(row["row_key"]), int(row.get("row_index", -1)))
     record.update({k: metadata[k] for k in METADATA if metadata.get(k) is not None})
-    error = engine_error_of(row)
-    if error:
-        record.update(stage=str(row.get("failed_step") or "caption"), reason=str(error))
+    failure = row_error(row)
+    if failure is not None:
+        record.update(stage=failure.step or "caption", reason=failure.message)
         return record
     scores = metadata.get("vlm") or {}
     record.update(
@@ -188,7 +190,7 @@ def caption_stage(
     """Caption and score decoded images with a VLM (Ray Data LLM + vLLM); rows become records.
 
     Input rows need `uri` and the decode columns (`image`, metadata, `fetch_error`,
-    `decode_error`). Rows that already failed get a one-token placeholder request and keep their
+    `decode_error`). Rows that already failed pass the VLM step by untouched and keep their
     error. Dataset in -> lazy Dataset of records; rows in -> records (runs the engine now).
     """
     import ray
@@ -196,7 +198,7 @@ def caption_stage(
     from prefect_rayllm.rayllm_stages.llm.engines import build_engine_processor
 
     sampling = sampling or SamplingParams(max_tokens=64)
-    step = ImageStep(prompt, sampling.for_engine(), json_schema or DEFAULT_SCORE_SCHEMA)
+    step = ImageStep(prompt, EngineSampling.from_params(sampling), json_schema or DEFAULT_SCORE_SCHEMA)
     if not _is_dataset(data):
         rows = _as_rows(data)
         for position, row in enumerate(rows):
@@ -205,7 +207,7 @@ def caption_stage(
             return []
         records = caption_stage(ray.data.from_items(rows), model, prompt, json_schema, sampling).take_all()
         return sorted((as_record(r) for r in records), key=lambda r: r["row_index"])
-    steps = data.map_batches(_to_vlm_rows, batch_size=16, **LIGHT_MAP_KWARGS)
+    steps = data.map_batches(_to_vlm_rows, batch_size=16, batch_format="numpy", **LIGHT_MAP_KWARGS)
     return build_engine_processor(model, step)(steps).map(_record_from_vlm_row, **LIGHT_MAP_KWARGS)
 
 

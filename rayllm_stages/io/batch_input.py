@@ -4,10 +4,16 @@ Every input row becomes exactly one `Request` (ready for the engine) or one `Row
 row's line or index, its id when it has one, an error code and a message naming the field).
 Rows stream: nothing but the set of seen ids is held in memory.
 
+A request has one shape whatever its line held (the row contract, `llm.rows`): messages are
+`{"role", "content"}` with string content (OpenAI list-form text parts are joined with a newline,
+as vLLM's OpenAI server does for string chat templates), and the sampling is a complete
+`EngineSampling` (the config's defaults, then the body's fields).
+
 Example (OpenAI Batch line in -> Request):
     {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}}
-    -> Request(index=0, key="r1", messages=[...], sampling={..., "max_tokens": 8}, row=None)
+    -> Request(index=0, key="r1", messages=[{"role": "user", "content": "Hi"}],
+               sampling=EngineSampling(..., max_tokens=8), row=None)
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from prefect_rayllm.rayllm_stages.config.base import ConfigError, InputUnavailab
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig, SamplingParams
 from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.rayllm_stages.llm.prompts import check_template_fields, render_messages, template_fields
+from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling
 
 InputFormat = Literal["openai_batch", "jsonl", "parquet"]
 
@@ -54,8 +61,8 @@ class Request:
 
     index: int
     key: str
-    messages: list[dict[str, Any]]
-    sampling: dict[str, Any]
+    messages: list[dict[str, str]]
+    sampling: EngineSampling
     row: dict[str, Any] | None = None  # table inputs: the input columns, echoed in the results
 
 
@@ -181,7 +188,7 @@ def _openai_batch_rows(source: Location, defaults: SamplingParams) -> Iterator[R
         if isinstance(sampling, str):
             yield RowError(index, custom_id, "invalid_sampling", f"line {line_no} ({custom_id}): {sampling}")
             continue
-        yield Request(index, custom_id, body["messages"], sampling)
+        yield Request(index, custom_id, _plain_messages(body["messages"]), sampling)
 
 
 def _request_problem(record: dict[str, Any]) -> tuple[str, str] | None:
@@ -230,7 +237,18 @@ def _messages_problem(messages: Any) -> tuple[str, str] | None:
     return None
 
 
-def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> dict[str, Any] | str:
+def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Messages of one shape: role and string content (text parts joined with a newline)."""
+    plain = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = "\n".join(part["text"] for part in content)
+        plain.append({"role": message["role"], "content": content})
+    return plain
+
+
+def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> EngineSampling | str:
     """Defaults overridden by the body's sampling fields, or a message naming the bad field."""
     overrides: dict[str, Any] = {}
     for name, ours in BODY_SAMPLING_FIELDS.items():
@@ -238,7 +256,7 @@ def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> dict[str, A
             value = body[name]
             overrides[ours] = [value] if ours == "stop" and isinstance(value, str) else value
     try:
-        return SamplingParams.model_validate({**defaults.model_dump(), **overrides}).for_engine()
+        return EngineSampling.from_params(SamplingParams.model_validate({**defaults.model_dump(), **overrides}))
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
@@ -247,7 +265,7 @@ def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> dict[str, A
 
 def _table_rows(source: Location, fmt: InputFormat, config: BatchJobConfig) -> Iterator[Request | RowError]:
     assert config.prompt is not None
-    sampling = config.sampling.for_engine()
+    sampling = EngineSampling.from_params(config.sampling)
     needed = sorted(set().union(*template_fields(config.prompt).values()))
     for item in keyed_table_rows(source, fmt, config.id_column):
         if isinstance(item, RowError):

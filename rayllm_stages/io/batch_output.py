@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from prefect_rayllm.rayllm_stages.io.batch_input import RowError
+from prefect_rayllm.rayllm_stages.llm import rows
 
 ROW_ID_FIELD = "_row_id"
-_TOO_LONG = re.compile(r"longer than the maximum model length|maximum context length|too long", re.I)
 
 
 def _stable_id(prefix: str, *parts: str) -> str:
@@ -33,10 +33,6 @@ def finish_reason(generated_tokens: int, max_tokens: int | None) -> str:
     return "length" if max_tokens is not None and generated_tokens >= max_tokens else "stop"
 
 
-def engine_error_code(message: str) -> str:
-    return "prompt_too_long" if _TOO_LONG.search(message) else "engine_error"
-
-
 class OpenAIBatchFormat:
     """Lines in the OpenAI Batch output format, keyed by custom_id."""
 
@@ -44,9 +40,9 @@ class OpenAIBatchFormat:
         self.model_name = model_name
         self.run_key = run_key
 
-    def result(self, row: dict[str, Any]) -> str:
+    def result(self, row: Mapping[str, Any]) -> str:
         key = row["row_key"]
-        sampling = json.loads(row["payload_json"])["sampling"]
+        sampling = json.loads(row["row_json"])["sampling"]
         prompt_tokens, completion_tokens = row["num_input_tokens"], row["num_generated_tokens"]
         body = {
             "id": _stable_id("chatcmpl-", self.run_key, key),
@@ -69,9 +65,9 @@ class OpenAIBatchFormat:
         }
         return self._line(key, {"status_code": 200, "request_id": _stable_id("req-", self.run_key, key), "body": body}, None)
 
-    def engine_error(self, row: dict[str, Any], message: str) -> tuple[str, str]:
-        key = row["row_key"]
-        code = engine_error_code(message)
+    def engine_error(self, row: Mapping[str, Any], failure: rows.RowFailure) -> tuple[str, str]:
+        """The error line of a row that failed in the pipeline, and its code."""
+        key, code, message = row["row_key"], failure.code, failure.message
         status = int(row.get("http_status") or 0) or 400
         error = {"code": code, "message": f"line {row['row_index'] + 1} ({key}): {message}", "line": row["row_index"] + 1}
         response = {
@@ -97,8 +93,8 @@ class OpenAIBatchFormat:
 class TableFormat:
     """Table rows: the input columns plus the generation; errors name the row."""
 
-    def result(self, row: dict[str, Any]) -> str:
-        payload = json.loads(row["payload_json"])
+    def result(self, row: Mapping[str, Any]) -> str:
+        payload = json.loads(row["row_json"])
         source, sampling = payload["row"], payload["sampling"]
         generated = row["num_generated_tokens"]
         record = {
@@ -111,10 +107,9 @@ class TableFormat:
         }
         return json.dumps(record, ensure_ascii=False, default=str)
 
-    def engine_error(self, row: dict[str, Any], message: str) -> tuple[str, str]:
-        code = engine_error_code(message)
-        text = f"row {row['row_index']} ({row['row_key']}): {message}"
-        return self._line(row["row_index"], row["row_key"], code, text), code
+    def engine_error(self, row: Mapping[str, Any], failure: rows.RowFailure) -> tuple[str, str]:
+        text = f"row {row['row_index']} ({row['row_key']}): {failure.message}"
+        return self._line(row["row_index"], row["row_key"], failure.code, text), failure.code
 
     def input_error(self, problem: RowError) -> str:
         return self._line(problem.index, problem.key, problem.code, problem.message, problem.raw)

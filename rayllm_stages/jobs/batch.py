@@ -1,6 +1,6 @@
 """Batch inference without Prefect: an OpenAI Batch file or a table through one model.
 
-    input rows --(checked, done rows skipped)--> Ray Dataset [row_index, row_key, payload_json]
+    input rows --(checked, done rows skipped)--> Ray Dataset (llm.rows.ROW_SCHEMA; row_json: the request)
       --> ray.data.llm processor (vLLM or HTTP) --> driver --> committed parts
       --> finalize: results.jsonl + errors.jsonl + manifest.json
 
@@ -71,5 +71,5 @@ class BatchJob(LLMJob):
 
 
 def _batch_row(request: Request) -> InputRow:
-    payload = {"messages": request.messages, "sampling": request.sampling, "row": request.row}
-    return InputRow(request.index, request.key, {"payload_json": json.dumps(payload, default=str)})
+    payload = {"messages": request.messages, "sampling": request.sampling.model_dump(), "row": request.row}
+    return InputRow(request.index, request.key, {"row_json": json.dumps(payload, ensure_ascii=False, default=str)})

@@ -19,13 +19,14 @@ from typing import Any
 from prefect_rayllm.rayllm_stages.config.base import ConfigError
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
 from prefect_rayllm.rayllm_stages.io.batch_input import RowError, check_table_input, count_rows, keyed_table_rows, table_columns
-from prefect_rayllm.rayllm_stages.io.batch_output import ROW_ID_FIELD, TableFormat, engine_error_code
+from prefect_rayllm.rayllm_stages.io.batch_output import ROW_ID_FIELD, TableFormat
 from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.rayllm_stages.jobs.lifecycle import InputRow, LLMJob, _to_arrow, rows_per_block
 from prefect_rayllm.rayllm_stages.jobs.run_log import PartWriter, RunLog, read_part
-from prefect_rayllm.rayllm_stages.llm.engines import ERROR_COLUMNS, cpu_core_sets
+from prefect_rayllm.rayllm_stages.llm.engines import LIGHT_MAP_KWARGS, cpu_core_sets
 from prefect_rayllm.rayllm_stages.llm.prompts import template_fields
-from prefect_rayllm.rayllm_stages.llm.steps import TemplateStep
+from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling, RowFailure, row_error
+from prefect_rayllm.rayllm_stages.llm.steps import LLMStep, TemplateStep
 
 
 def check_chain_fields(config: ChainJobConfig, columns: list[str]) -> None:
@@ -62,14 +63,15 @@ class ChainFormat(TableFormat):
         record[ROW_ID_FIELD] = row["row_key"]
         return json.dumps(record, ensure_ascii=False, default=str)
 
-    def engine_error(self, row: dict[str, Any], message: str) -> tuple[str, str]:
-        step = row.get("failed_step") or row.get("current_step") or "?"
-        code = engine_error_code(message)
-        if code == "engine_error" and message.startswith("step "):
-            code = "step_error"
-        error = {"code": code, "message": f"row {row['row_index']} ({row['row_key']}): {message}"}
-        line = {"row_index": row["row_index"], "row_id": row["row_key"], "failed_step": step, "error": error}
-        return json.dumps(line, ensure_ascii=False), code
+    def engine_error(self, row: dict[str, Any], failure: RowFailure) -> tuple[str, str]:
+        message = f"row {row['row_index']} ({row['row_key']}): step {failure.step}: {failure.message}"
+        line = {
+            "row_index": row["row_index"],
+            "row_id": row["row_key"],
+            "failed_step": failure.step,
+            "error": {"code": failure.code, "message": message},
+        }
+        return json.dumps(line, ensure_ascii=False), failure.code
 
 
 class ChainJob(LLMJob):
@@ -81,8 +83,9 @@ class ChainJob(LLMJob):
     def __init__(self, config: ChainJobConfig, *, api_keys: dict[str, str | None] | None = None):
         super().__init__(config)
         self.api_keys = api_keys or {}
-        self.steps = [
-            TemplateStep(s.name, s.prompt, s.sampling.for_engine(), s.output_column, s.parse, s.json_schema) for s in config.steps
+        self.steps: list[LLMStep] = [
+            TemplateStep(s.name, s.prompt, EngineSampling.from_params(s.sampling), s.output_column, s.parse, s.json_schema)
+            for s in config.steps
         ]
         self._resume_points: dict[int, tuple[int, InputRow]] | None = None
 
@@ -157,9 +160,10 @@ class ChainJob(LLMJob):
                         "storage_options": self.config.storage_options,
                         "attempt": attempt,
                     },
-                    batch_format="pandas",
+                    batch_format="pyarrow",
                     batch_size=None,
-                    num_cpus=0.25,
+                    zero_copy_batch=True,
+                    **LIGHT_MAP_KWARGS,
                 )
         return dataset
 
@@ -176,7 +180,8 @@ class ChainJob(LLMJob):
         return json.loads(row.get("usage_json") or "{}")
 
     def failed_step(self, row: dict[str, Any]) -> str | None:
-        return row.get("failed_step") or row.get("current_step")
+        failure = row_error(row)
+        return failure.step if failure else None
 
     def step_summaries(self, stats) -> list[dict[str, Any]]:
         summaries = []
@@ -214,10 +219,11 @@ def _chain_row(index: int, key: str, row: dict[str, Any]) -> InputRow:
 
 
 def save_step_outputs(batch, folder: str, storage_options: dict[str, Any], attempt: int):
-    """Ray Data map: commit this batch's successful rows of a step, then pass the batch on."""
+    """Ray Data map (pyarrow batches of `llm.rows.ROW_SCHEMA`): commit this batch's successful
+    rows of a step, then pass the batch on unchanged."""
     writer = PartWriter(Location(folder, storage_options), attempt, commit_every_rows=1 << 30, token=uuid.uuid4().hex[:12])
-    for record in batch.to_dict("records"):
-        if any(record.get(column) for column in ERROR_COLUMNS):
+    for record in batch.to_pylist():
+        if row_error(record) is not None:
             continue
         line = json.dumps({name: record[name] for name in ("row_index", "row_key", "row_json", "usage_json")}, default=str)
         writer.add_result(int(record["row_index"]), line, 0, 0, None)

@@ -50,7 +50,8 @@ class ResumeRefused(ConfigError):
 
 @dataclass
 class InputRow:
-    """One input row ready for the pipeline: its Dataset columns."""
+    """One input row ready for the pipeline: its columns of `llm.rows.ROW_SCHEMA` (`row_json`, and
+    `usage_json` when resumed); the rest take their defaults."""
 
     index: int
     key: str
@@ -475,12 +476,10 @@ class LLMJob(ResumableJob):
 
 
 def _to_arrow(rows: list[InputRow]):
-    import pyarrow as pa
+    """One input block, of the declared row schema (`llm.rows.ROW_SCHEMA`), whatever its rows hold."""
+    from prefect_rayllm.rayllm_stages.llm.rows import rows_table
 
-    columns: dict[str, list[Any]] = {"row_index": [r.index for r in rows], "row_key": [r.key for r in rows]}
-    for name in rows[0].columns:
-        columns[name] = [r.columns[name] for r in rows]
-    return pa.table(columns)
+    return rows_table({"row_index": r.index, "row_key": r.key, **r.columns} for r in rows)
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -1,12 +1,21 @@
-"""Engines as `ray.data.llm` processors: vLLM in Ray actors, or any OpenAI-compatible HTTP endpoint.
+"""Engines as `ray.data.llm` processors: vLLM in Ray actors, a Ray Serve LLM deployment, or any
+OpenAI-compatible HTTP endpoint, each running one step (`steps.LLMStep`) over rows of the row
+contract (`rows.ROW_SCHEMA`).
 
-A processor runs one step (`prefect_rayllm.rayllm_stages.llm.steps`): the step builds each row's request and records
-the reply. Output columns (both engines): `generated_text`, `num_input_tokens`,
-`num_generated_tokens`, `latency_s`, `http_status`, `engine_error` (empty on success),
-`current_step`, and the pass-through columns (`row_index`, `row_key`, `row_json`, `usage_json`,
-`payload_json`). A row the engine refuses (prompt too long, HTTP 4xx/5xx body, a reply that fails
-the step's schema) comes back with an error set and skips every later stage and step; it never
+    rows (ROW_SCHEMA) --preprocess: step.request(row) -> the engine's request columns-->
+      Ray's stages (chat template, tokenize, vLLM, detokenize; or the Serve or HTTP call)
+      --postprocess: step.record(row, reply) -> row_json, usage, generated_text, tokens-->
+      --conform--> rows (ROW_SCHEMA)
+
+A row that already failed, or fails here (a prompt longer than the context, a template field that
+is null, a reply that does not match the step's schema), carries the same request columns as the
+others, with the same types, and Ray's error column set: Ray's stages pass it by untouched and it
+never reaches the engine. `rows.conform` then gives every row, good or failed (Ray's own error rows
+included), the declared schema, so no row can change its neighbours' types. One bad row never
 stops the batch.
+
+`engine_kwargs_for` answers "which engine kwargs will vLLM get?": every default (CPU, structured
+outputs, images) is merged there, and only there.
 """
 
 from __future__ import annotations
@@ -14,24 +23,37 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
-from prefect_rayllm.rayllm_stages.llm.steps import ERROR_COLUMN, PASSTHROUGH, PayloadStep, StepFailed
+from prefect_rayllm.rayllm_stages.llm.capacity import size_vllm_options
+from prefect_rayllm.rayllm_stages.llm.engine_hooks import with_engine_hook
+from prefect_rayllm.rayllm_stages.llm.rows import (
+    NO_ERROR,
+    RAY_ERROR_COLUMN,
+    EngineSampling,
+    RowFailure,
+    conform,
+    row_error,
+)
+from prefect_rayllm.rayllm_stages.llm.steps import ChatRequest, LLMStep, PayloadStep, StepFailed
+from prefect_rayllm.rayllm_stages.runtime.engine_stats import with_engine_timing
 
-ERROR_COLUMNS = (ERROR_COLUMN, "engine_error", "rayllm_error")
 # vLLM on CPU reads gpu_memory_utilization as the share of host RAM for the KV cache; its
 # default (0.92) fails at start on CPU, so CPU runs get a small share unless told otherwise.
-CPU_ENGINE_DEFAULTS = {"gpu_memory_utilization": 0.1}
-CPU_PLACEMENT = {"bundles": [{"CPU": 1}]}
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.1}
+CPU_PLACEMENT: dict[str, Any] = {"bundles": [{"CPU": 1}]}
+# One image per request: vLLM then reserves room for one image, not its default several.
+IMAGE_ENGINE_DEFAULTS: dict[str, Any] = {"limit_mm_per_prompt": {"image": 1}}
+# Structured outputs on vLLM: without this, a weak model wanders in whitespace until max_tokens.
+STRUCTURED_OUTPUTS_ENGINE_DEFAULTS: dict[str, Any] = {
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}
+}
 # The chat-template, tokenize and detokenize actors and our pre/post maps are light; at a whole
 # logical CPU each, three chained processors would not fit a local Ray and would wait forever.
 LIGHT_STAGE = {"num_cpus": 0.25}
 LIGHT_MAP_KWARGS = {"num_cpus": 0.25}
-# One image per request: vLLM then reserves room for one image, not its default several.
-IMAGE_ENGINE_DEFAULTS = {"limit_mm_per_prompt": {"image": 1}}
-# Structured outputs on vLLM: without this, a weak model wanders in whitespace until max_tokens.
-STRUCTURED_OUTPUTS_ENGINE_DEFAULTS = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
 
 
 def cluster_has_gpu() -> bool:
@@ -40,28 +62,73 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def engine_kwargs_for(spec: ModelSpec, *, gpu: bool, structured_outputs: bool = False, images: bool = False) -> dict[str, Any]:
+    """The vLLM engine kwargs for `spec`: our defaults, then the user's `engine_kwargs` over them.
+
+    Defaults: a small KV-cache share on CPU (`CPU_ENGINE_DEFAULTS`), xgrammar without free
+    whitespace when replies follow a JSON schema, one image per prompt for image steps. A key
+    the user sets always wins. Batch processors, Serve-hosted engines and image steps all get
+    their kwargs here.
+    """
+    defaults: dict[str, Any] = {}
+    if not gpu:
+        defaults.update(CPU_ENGINE_DEFAULTS)
+    if structured_outputs:
+        defaults.update(STRUCTURED_OUTPUTS_ENGINE_DEFAULTS)
+    if images:
+        defaults.update(IMAGE_ENGINE_DEFAULTS)
+    return {**defaults, **spec.engine_kwargs}
+
+
+def placement_for(spec: ModelSpec, *, gpu: bool) -> dict[str, Any] | None:
+    """The engine's placement group: the user's, or one CPU bundle when the cluster has no GPU
+    (without it the engine stage asks for a GPU and waits forever)."""
+    if spec.placement_group_config is not None or gpu:
+        return spec.placement_group_config
+    return CPU_PLACEMENT
+
+
 def build_engine_processor(
     spec: ModelSpec,
-    step: Any = None,
+    step: LLMStep | None = None,
     *,
     api_key: str | None = None,
     gpu: bool | None = None,
     served: Any = None,
     cpu_cores: str | None = None,
-):
-    """A lazy `ray.data.llm` Processor running `step` (default: the batch request) on `spec`'s engine.
+) -> EngineStage:
+    """A lazy stage running `step` (default: the batch request) on `spec`'s engine.
 
     `served` is the running `serve_engine.ServedEngine` when `spec.engine` is "serve"; `cpu_cores`
     ("0-3") pins a CPU vLLM engine's threads to those cores (see `cpu_core_sets`).
     """
     step = step or PayloadStep()
     if spec.engine == "http":
-        return _http_processor(spec, step, api_key)
+        return EngineStage(_http_processor(spec, step, api_key), step.name)
     if spec.engine == "serve":
         if served is None:
             raise ValueError("engine 'serve' needs the running engine (serve_engine.ensure_engine)")
-        return _serve_processor(spec, step, served)
-    return _vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu, cpu_cores)
+        return EngineStage(_serve_processor(spec, step, served), step.name)
+    return EngineStage(_vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu, cpu_cores), step.name)
+
+
+class EngineStage:
+    """A `ray.data.llm` processor followed by `rows.conform`: Dataset of rows in, the same rows
+    after one step out (lazily), both of `rows.ROW_SCHEMA`."""
+
+    def __init__(self, processor: Any, step_name: str):
+        self.processor = processor
+        self.step_name = step_name
+
+    def __call__(self, dataset: Any) -> Any:
+        return self.processor(dataset).map_batches(
+            conform,
+            fn_kwargs={"step": self.step_name},
+            batch_format="pyarrow",
+            batch_size=None,
+            zero_copy_batch=True,
+            **LIGHT_MAP_KWARGS,
+        )
 
 
 def cpu_core_sets(engines: int) -> list[str] | None:
@@ -88,16 +155,12 @@ def cpu_core_sets(engines: int) -> list[str] | None:
     return [",".join(str(c) for c in chunk) for chunk in chunks]
 
 
-def engine_settings(spec: ModelSpec, gpu: bool, structured_outputs: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """vLLM engine kwargs and placement for `spec`: CPU defaults and one CPU bundle without a GPU."""
-    engine_kwargs = dict(spec.engine_kwargs)
-    if structured_outputs:
-        engine_kwargs = {**STRUCTURED_OUTPUTS_ENGINE_DEFAULTS, **engine_kwargs}
-    placement = spec.placement_group_config
-    if not gpu:
-        engine_kwargs = {**CPU_ENGINE_DEFAULTS, **engine_kwargs}
-        placement = placement or CPU_PLACEMENT
-    return engine_kwargs, placement
+def processor_sizing(spec: ModelSpec, engine_kwargs: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    """How many engines and how many rows per engine call: as the spec says.
+
+    GPU sizing (batches sized from the engine's capacity) plugs in here.
+    """
+    return {"concurrency": spec.concurrency, "batch_size": spec.batch_size}
 
 
 def vllm_processor_config(
@@ -109,20 +172,17 @@ def vllm_processor_config(
     """
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    engine_kwargs, placement = engine_settings(spec, gpu, structured_outputs)
-    if images:
-        engine_kwargs = {**IMAGE_ENGINE_DEFAULTS, **engine_kwargs}
+    engine_kwargs = engine_kwargs_for(spec, gpu=gpu, structured_outputs=structured_outputs, images=images)
     options: dict[str, Any] = dict(
         model_source=spec.source,
         engine_kwargs=engine_kwargs,
-        concurrency=spec.concurrency,
-        batch_size=spec.batch_size,
         accelerator_type=spec.accelerator_type,
-        placement_group_config=placement,
+        placement_group_config=placement_for(spec, gpu=gpu),
         should_continue_on_error=True,
         chat_template_stage=dict(LIGHT_STAGE),
         tokenize_stage=dict(LIGHT_STAGE),
         detokenize_stage=dict(LIGHT_STAGE),
+        **processor_sizing(spec, engine_kwargs, gpu),
     )
     if images:
         multimodal: dict[str, Any] = {**LIGHT_STAGE, "enabled": True}
@@ -132,19 +192,10 @@ def vllm_processor_config(
     if cpu_cores and not gpu:
         options["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cpu_cores}}
     options.update(spec.processor_kwargs)
-    return vLLMEngineProcessorConfig(**options)
-
-
-def _vllm_processor(spec: ModelSpec, step: Any, gpu: bool, cpu_cores: str | None = None):
-    structured = bool(getattr(step, "json_schema", None))
-    images = bool(getattr(step, "images", False))
-    # A prompt's image tokens are only known after Ray's multimodal stage: no length check before it.
-    guard = None if images else PromptLengthGuard(spec.source, spec.engine_kwargs.get("max_model_len"))
-    return _processor(
-        vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores, images=images),
-        functools.partial(_vllm_preprocess, step=step, guard=guard),
-        functools.partial(_vllm_postprocess, step=step),
-    )
+    # GPU: engine defaults and batches sized from its capacity (user-set knobs win); all: final outputs only.
+    user_keys = set(spec.processor_kwargs) | ({"batch_size"} & spec.model_fields_set)
+    options, _ = size_vllm_options(options, gpu=gpu, user_keys=user_keys)
+    return vLLMEngineProcessorConfig(**with_engine_hook(options))
 
 
 def _processor(config: Any, preprocess: Any, postprocess: Any):
@@ -160,40 +211,29 @@ def _processor(config: Any, preprocess: Any, postprocess: Any):
     )
 
 
-def upstream_error(row: dict[str, Any]) -> str:
-    """The error a row already carries from an earlier stage or step ("" if none)."""
-    return next((row[c] for c in ERROR_COLUMNS if row.get(c)), "")
-
-
-# A row that already failed still goes through every later stage, with this placeholder request
-# and one token: rows that skip Ray's stages come out with other columns than the rest, and Ray
-# Data then fails to concatenate the blocks (or fills gaps with nulls that change types).
-_PLACEHOLDER_MESSAGES = [{"role": "user", "content": "."}]
+# -- the request: one path for every engine ---------------------------------------------------------
 
 
 class PromptLengthGuard:
-    """Refuses a prompt longer than the model's context before it reaches Ray's vLLM stage.
-
-    Ray turns such a prompt into an error row whose columns differ in type from its success rows
-    (no `metrics` struct, null token lists); when a batch holds only such rows, Ray Data cannot
-    concatenate the blocks and the whole job fails. Refused here, the row takes the placeholder
-    path like every other failed row, with the reason. Picklable: the tokenizer loads lazily.
-    """
+    """Refuses, before any engine sees it, a request whose prompt and `max_tokens` do not fit the
+    model's context (as OpenAI's API and vLLM's server do), with code `prompt_too_long` and a
+    message naming the limit. Picklable: the tokenizer loads lazily, once per worker."""
 
     def __init__(self, source: str, max_model_len: int | None):
         self.source = source
         self.max_model_len = max_model_len
 
-    def problem(self, messages: list[dict[str, Any]]) -> str | None:
+    def problem(self, request: ChatRequest) -> str | None:
         loaded = _tokenizer_and_limit(self.source, self.max_model_len)
         if loaded is None:
             return None
         tokenizer, limit = loaded
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokens < limit:
+        wanted = request.sampling.max_tokens
+        if tokens + wanted <= limit:
             return None
-        return f"prompt is {tokens} tokens; this model's maximum context length is {limit} tokens"
+        return f"prompt is {tokens} tokens and max_tokens is {wanted}; this model's maximum context length is {limit} tokens"
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,37 +250,109 @@ def _tokenizer_and_limit(source: str, max_model_len: int | None):
         return None
 
 
-def _step_request(row: dict[str, Any], step: Any, guard: PromptLengthGuard | None = None) -> tuple[list, dict, dict[str, str]]:
-    """(messages, sampling, error columns) for this step; a failed row gets the placeholder."""
-    error, failed_step = upstream_error(row), row.get("failed_step") or ""
-    if error and not failed_step:
-        failed_step = row.get("current_step") or step.name  # a Ray error row from the last step
-    if not error:
-        fault = getattr(step, "injected_fault", None)
-        if fault is not None:
-            fault.maybe_fire()
-        try:
-            messages, sampling = step.request(row)
-            too_long = guard.problem(messages) if guard is not None else None
-            if too_long is None:
-                return messages, sampling, {"rayllm_error": "", "failed_step": ""}
-            error, failed_step = too_long if isinstance(step, PayloadStep) else f"step {step.name}: {too_long}", step.name
-        except StepFailed as exc:
-            error, failed_step = f"step {step.name}: {exc}", step.name
-    sampling = {**getattr(step, "sampling", {}), "max_tokens": 1, "min_tokens": 0}
-    return _PLACEHOLDER_MESSAGES, sampling, {"rayllm_error": error, "failed_step": failed_step}
+def prepare_request(row: Mapping[str, Any], step: LLMStep, guard: PromptLengthGuard | None = None) -> ChatRequest | RowFailure:
+    """This step's request for `row`, or why the row does not run: the error it already carries
+    (an earlier stage or step), the step's refusal, or a prompt that does not fit."""
+    carried = row_error(row)
+    if carried is not None:
+        return carried
+    try:
+        request = step.request(row)
+    except StepFailed as exc:
+        return RowFailure(code=exc.code, message=str(exc), step=step.name)
+    too_long = guard.problem(request) if guard is not None else None
+    if too_long is not None:
+        return RowFailure(code="prompt_too_long", message=too_long, step=step.name)
+    return request
 
 
-def _vllm_preprocess(row: dict[str, Any], step: Any, guard: PromptLengthGuard | None = None) -> dict[str, Any]:
-    messages, sampling, errors = _step_request(row, step, guard)
-    # ERROR_COLUMN is always "": Ray's stages skip a row whose error column is anything else
-    # (None included, which Arrow puts in a column some rows lack).
-    return {"messages": messages, "sampling_params": sampling, "current_step": step.name, ERROR_COLUMN: "", **errors}
+def _request_columns(outcome: ChatRequest | RowFailure) -> tuple[ChatRequest, dict[str, Any]]:
+    """The request to encode (a placeholder of the same shape for a failed row) and the error
+    columns: a failed row has Ray's error column set, so Ray's stages pass it by."""
+    if isinstance(outcome, RowFailure):
+        placeholder = ChatRequest(messages=[], sampling=EngineSampling().placeholder())
+        return placeholder, {"error": outcome.column(), RAY_ERROR_COLUMN: outcome.message or outcome.code}
+    return outcome, {"error": dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
 
 
-def _vllm_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
+def _guard_for(spec: ModelSpec, step: LLMStep) -> PromptLengthGuard | None:
+    # A prompt's image tokens are only known after Ray's multimodal stage: no length check before it.
+    if step.images:
+        return None
+    return PromptLengthGuard(spec.source, spec.engine_kwargs.get("max_model_len"))
+
+
+# -- the result: one path for every engine ----------------------------------------------------------
+
+
+def step_result(
+    row: Mapping[str, Any], step: LLMStep, text: str, tokens_in: int, tokens_out: int, latency: float | None, status: int
+) -> dict[str, Any]:
+    """A good row after `step`: its reply recorded (or the step's refusal of it as the row's error)."""
+    usage = json.loads(row.get("usage_json") or "{}")
+    usage[step.name] = {"in": tokens_in, "out": tokens_out, "latency_s": latency}
+    result = {
+        "row_index": row["row_index"],
+        "row_key": row["row_key"],
+        "row_json": row["row_json"],
+        "usage_json": json.dumps(usage),
+        "error": dict(NO_ERROR),
+        "generated_text": text,
+        "num_input_tokens": tokens_in,
+        "num_generated_tokens": tokens_out,
+        "latency_s": latency,
+        "http_status": status,
+        RAY_ERROR_COLUMN: "",
+    }
+    try:
+        result["row_json"] = step.record(row, text)
+    except StepFailed as exc:
+        result["error"] = RowFailure(code=exc.code, message=str(exc), step=step.name).column()
+    return result
+
+
+def failed_result(row: Mapping[str, Any], error: RowFailure, status: int) -> dict[str, Any]:
+    """A row the engine answered with an error (an HTTP error body, a Serve refusal)."""
+    return {
+        "row_index": row["row_index"],
+        "row_key": row["row_key"],
+        "row_json": row["row_json"],
+        "usage_json": row.get("usage_json") or "{}",
+        "error": error.column(),
+        "generated_text": "",
+        "num_input_tokens": 0,
+        "num_generated_tokens": 0,
+        "latency_s": None,
+        "http_status": status,
+        RAY_ERROR_COLUMN: "",
+    }
+
+
+def engine_error_of(row: Mapping[str, Any]) -> RowFailure | None:
+    """The error of an output row (see `rows.row_error`)."""
+    return row_error(row)
+
+
+# -- vLLM ----------------------------------------------------------------------------------------------
+
+
+def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | None = None):
+    structured = step.json_schema is not None
+    return _processor(
+        vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores, images=step.images),
+        functools.partial(_vllm_preprocess, step=step, guard=_guard_for(spec, step)),
+        functools.partial(_vllm_postprocess, step=step),
+    )
+
+
+def _vllm_preprocess(row: dict[str, Any], step: LLMStep, guard: PromptLengthGuard | None = None) -> dict[str, Any]:
+    request, errors = _request_columns(prepare_request(row, step, guard))
+    return {"messages": request.messages, "sampling_params": request.sampling.for_vllm(), **errors}
+
+
+def _vllm_postprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:
     latency = row.get("time_taken_llm")
-    return _step_result(
+    result = step_result(
         row,
         step,
         row.get("generated_text") or "",
@@ -249,57 +361,28 @@ def _vllm_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
         float(latency) if latency is not None and latency >= 0 else None,
         200,
     )
+    return with_engine_timing(result, step.name, row.get("metrics"))  # how full the engine was (engine_stats)
 
 
-def _step_result(
-    row: dict[str, Any], step: Any, text: str, tokens_in: int, tokens_out: int, latency: float | None, status: int
-) -> dict[str, Any]:
-    passthrough = {name: row[name] for name in PASSTHROUGH if name in row}
-    carried = row.get("rayllm_error") or ""
-    if carried:  # failed in an earlier step (or in this step's request): pass the error on
-        return {
-            **passthrough,
-            "generated_text": "",
-            "num_input_tokens": 0,
-            "num_generated_tokens": 0,
-            "latency_s": None,
-            "http_status": 0,
-            "current_step": row["failed_step"],
-            "engine_error": carried,
-            "rayllm_error": carried,
-            "failed_step": row["failed_step"],
-            ERROR_COLUMN: "",
-        }
-    usage = json.loads(row.get("usage_json") or "{}")
-    usage[step.name] = {"in": tokens_in, "out": tokens_out, "latency_s": latency}
-    result = {
-        **passthrough,
-        "usage_json": json.dumps(usage),
-        "generated_text": text,
-        "num_input_tokens": tokens_in,
-        "num_generated_tokens": tokens_out,
-        "latency_s": latency,
-        "http_status": status,
-        "current_step": step.name,
-        "engine_error": "",
-        "rayllm_error": "",
-        "failed_step": "",
-        ERROR_COLUMN: "",  # see _vllm_preprocess: a None here would make later stages skip the row
-    }
-    try:
-        result.update(step.record(row, text))
-    except StepFailed as exc:
-        message = f"step {step.name}: {exc}"
-        result.update(engine_error=message, rayllm_error=message, failed_step=step.name)
-    return result
+# -- OpenAI-compatible HTTP ----------------------------------------------------------------------------
+
+# The request body travels through Ray Data as JSON text (`{BODY_FIELD: text}`): as an Arrow struct,
+# keys that some rows lack would be sent as nulls and ints as floats. `_status_recording_session`
+# sends the text itself.
+BODY_FIELD = "body_json"
 
 
-def _http_processor(spec: ModelSpec, step: Any, api_key: str | None):
+def openai_chat_body(model_name: str, request: ChatRequest) -> dict[str, Any]:
+    """An OpenAI chat completion body for `request`."""
+    return {"model": model_name, "messages": request.messages, **request.sampling.for_openai()}
+
+
+def _http_processor(spec: ModelSpec, step: LLMStep, api_key: str | None):
     from ray.data.llm import HttpRequestProcessorConfig
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     options: dict[str, Any] = dict(
-        url=spec.base_url.rstrip("/") + "/chat/completions",
+        url=(spec.base_url or "").rstrip("/") + "/chat/completions",
         headers=headers,
         qps=spec.qps,
         max_retries=spec.max_retries,
@@ -315,9 +398,30 @@ def _http_processor(spec: ModelSpec, step: Any, api_key: str | None):
     )
 
 
+def _body_json(model_name: str, outcome: ChatRequest | RowFailure) -> tuple[str, dict[str, Any]]:
+    request, errors = _request_columns(outcome)
+    body = "" if isinstance(outcome, RowFailure) else json.dumps(openai_chat_body(model_name, request), ensure_ascii=False)
+    return body, errors
+
+
+def _http_preprocess(row: dict[str, Any], model_name: str, step: LLMStep) -> dict[str, Any]:
+    body, errors = _body_json(model_name, prepare_request(row, step))
+    return {"payload": {BODY_FIELD: body}, **errors}
+
+
+def _unwrap_body(data: Any) -> Any:
+    """Ray's HTTP stage sends `json.dumps(payload)`; our payload is `{BODY_FIELD: body text}`."""
+    if isinstance(data, str) and data.startswith('{"' + BODY_FIELD + '"'):
+        payload = json.loads(data)
+        if isinstance(payload, dict) and set(payload) == {BODY_FIELD}:
+            return payload[BODY_FIELD]
+    return data
+
+
 def _status_recording_session():
-    """An aiohttp session whose JSON bodies carry the HTTP status and the request's latency, and
-    whose non-JSON bodies become JSON error bodies instead of failing the whole Ray job."""
+    """An aiohttp session that sends each row's body text as is, and whose JSON replies carry the
+    HTTP status and the request's latency; a non-JSON reply becomes a JSON error body instead of
+    failing the whole Ray job."""
     import time
 
     import aiohttp
@@ -337,6 +441,12 @@ def _status_recording_session():
             body["rayllm_latency_s"] = self.rayllm_latency_s
             return body
 
+    class BodySendingSession(aiohttp.ClientSession):
+        def _request(self, method: str, str_or_url: Any, **kwargs: Any):
+            if "data" in kwargs:
+                kwargs["data"] = _unwrap_body(kwargs["data"])
+            return super()._request(method, str_or_url, **kwargs)
+
     async def started(session: Any, context: Any, params: Any) -> None:
         context.started = time.perf_counter()
 
@@ -346,36 +456,10 @@ def _status_recording_session():
     timing = aiohttp.TraceConfig()
     timing.on_request_start.append(started)
     timing.on_request_end.append(answered)
-    return aiohttp.ClientSession(response_class=StatusRecordingResponse, trace_configs=[timing])
+    return BodySendingSession(response_class=StatusRecordingResponse, trace_configs=[timing])
 
 
-# OpenAI-compatible names of our sampling fields; top_k, min_tokens and repetition_penalty are
-# vLLM extensions, sent only when they differ from the neutral value.
-_HTTP_EXTENSION_NEUTRAL = {"top_k": None, "min_tokens": 0, "repetition_penalty": 1.0}
-
-
-def openai_chat_body(model_name: str, messages: list[dict[str, Any]], sampling: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI chat completion body from our engine-side sampling dict."""
-    body: dict[str, Any] = {"model": model_name, "messages": messages}
-    for name, value in sampling.items():
-        if name in _HTTP_EXTENSION_NEUTRAL and value in (_HTTP_EXTENSION_NEUTRAL[name], -1):
-            continue
-        if name == "stop" and not value:
-            continue
-        if name == "structured_outputs":
-            schema = json.loads(value["json"]) if isinstance(value["json"], str) else value["json"]
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-            continue
-        body[name] = value
-    return body
-
-
-def _http_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[str, Any]:
-    messages, sampling, errors = _step_request(row, step)
-    return {"payload": openai_chat_body(model_name, messages, sampling), "current_step": step.name, ERROR_COLUMN: "", **errors}
-
-
-def _http_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
+def _http_postprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:
     response = row.get("http_response") or {}
     status = int(response.get("rayllm_http_status") or 0)
     latency = response.get("rayllm_latency_s")
@@ -383,22 +467,18 @@ def _http_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
 
 
 def _chat_response_result(
-    row: dict[str, Any], step: Any, response: dict[str, Any], status: int, latency: float | None
+    row: Mapping[str, Any], step: LLMStep, response: Mapping[str, Any], status: int, latency: float | None
 ) -> dict[str, Any]:
     """The step result of an OpenAI chat completion response (or of its error body)."""
     choices = response.get("choices")
-    if row.get("rayllm_error"):
-        return _step_result(row, step, "", 0, 0, None, status)
     if status != 200 or response.get("error") or choices is None or len(choices) == 0:
         error = response.get("error") or response.get("message") or "response has no choices"
         if isinstance(error, dict):
             error = error.get("message") or json.dumps(error)
-        result = _step_result(row, step, "", 0, 0, None, status)
-        result["engine_error"] = f"HTTP {status}: {error}"
-        return result
+        return failed_result(row, RowFailure.from_engine(f"HTTP {status}: {error}", step.name), status)
     usage = response.get("usage") or {}
     message = choices[0].get("message") or {}
-    return _step_result(
+    return step_result(
         row,
         step,
         message.get("content") or "",
@@ -409,7 +489,10 @@ def _chat_response_result(
     )
 
 
-def _serve_processor(spec: ModelSpec, step: Any, served: Any):
+# -- Ray Serve LLM -------------------------------------------------------------------------------------
+
+
+def _serve_processor(spec: ModelSpec, step: LLMStep, served: Any):
     from ray.data.llm import ServeDeploymentProcessorConfig
 
     from prefect_rayllm.rayllm_stages.llm.serve_requests import ChatRequestFromJson
@@ -425,7 +508,7 @@ def _serve_processor(spec: ModelSpec, step: Any, served: Any):
     options.update(spec.processor_kwargs)
     return _processor(
         ServeDeploymentProcessorConfig(**options),
-        functools.partial(_serve_preprocess, model_name=served.model_id, step=step),
+        functools.partial(_serve_preprocess, model_name=served.model_id, step=step, guard=_guard_for(spec, step)),
         functools.partial(_serve_postprocess, step=step),
     )
 
@@ -435,29 +518,16 @@ def _error_status(error: Any) -> int:
     return int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else 400
 
 
-def _serve_preprocess(row: dict[str, Any], model_name: str, step: Any) -> dict[str, Any]:
-    from prefect_rayllm.rayllm_stages.llm.serve_requests import BODY_FIELD
-
-    messages, sampling, errors = _step_request(row, step)
-    body = openai_chat_body(model_name, messages, sampling)
-    return {
-        "method": "chat",
-        "dtype": "ChatRequestFromJson",
-        "request_kwargs": {BODY_FIELD: json.dumps(body)},
-        "current_step": step.name,
-        ERROR_COLUMN: "",
-        **errors,
-    }
+def _serve_preprocess(
+    row: dict[str, Any], model_name: str, step: LLMStep, guard: PromptLengthGuard | None = None
+) -> dict[str, Any]:
+    body, errors = _body_json(model_name, prepare_request(row, step, guard))
+    return {"method": "chat", "dtype": "ChatRequestFromJson", "request_kwargs": {BODY_FIELD: body}, **errors}
 
 
-def _serve_postprocess(row: dict[str, Any], step: Any) -> dict[str, Any]:
+def _serve_postprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:
     # The stage merges the deployment's reply into the row: choices and usage on success, error on refusal.
     response = {name: row.get(name) for name in ("choices", "usage", "error", "message")}
     status = _error_status(response["error"]) if response["error"] else 200
     latency = row.get("time_taken")
     return _chat_response_result(row, step, response, status, float(latency) if latency is not None else None)
-
-
-def engine_error_of(row: dict[str, Any]) -> str:
-    """The error of an output row: ours, or Ray's (its error rows skip our postprocess)."""
-    return upstream_error(row)

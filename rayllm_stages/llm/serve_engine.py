@@ -45,10 +45,11 @@ def llm_config(spec: ModelSpec, gpu: bool):
     from `concurrency` (an int is fixed, (min, max) autoscales)."""
     from ray.serve.llm import LLMConfig
 
-    from prefect_rayllm.rayllm_stages.llm.engines import engine_settings
+    from prefect_rayllm.rayllm_stages.llm.engines import engine_kwargs_for, placement_for
 
     # One engine may serve text steps and JSON steps alike: set it up for structured outputs.
-    engine_kwargs, placement = engine_settings(spec, gpu, structured_outputs=True)
+    engine_kwargs = engine_kwargs_for(spec, gpu=gpu, structured_outputs=True)
+    placement = placement_for(spec, gpu=gpu)
     low, high = (spec.concurrency, spec.concurrency) if isinstance(spec.concurrency, int) else spec.concurrency
     options: dict[str, Any] = dict(
         model_loading_config={"model_id": spec.served_name, "model_source": spec.source},

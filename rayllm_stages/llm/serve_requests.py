@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import model_validator
 from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
-BODY_FIELD = "body_json"
+from prefect_rayllm.rayllm_stages.llm.engines import BODY_FIELD
 
 
 class ChatRequestFromJson(ChatCompletionRequest):

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from prefect_rayllm.rayllm_stages.llm.steps import StepFailed, parse_json_reply
+import pyarrow as pa
+
+from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling
+from prefect_rayllm.rayllm_stages.llm.steps import ChatRequest, StepFailed, parse_json_reply
 
 IMAGE_COLUMN = "image_png"
+IMAGE_SCHEMA = pa.schema([pa.field(IMAGE_COLUMN, pa.binary(), False)])
+"""The column an image step reads besides `rows.ROW_SCHEMA`: the image as PNG bytes."""
 DEFAULT_SCORE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -30,15 +36,17 @@ def image_data_url(png: bytes) -> str:
 
 
 class ImageStep:
-    """Caption and score one image: the request carries the image and the prompt; the reply, JSON
-    checked against `json_schema`, is written to `row_json[output_column]`."""
+    """Caption and score one image (an `LLMStep`): the request carries the image and the prompt;
+    the reply, JSON checked against `json_schema`, is written to `row_json[output_column]`.
+
+    Reads the row's `image_png` column besides the row contract's (`IMAGE_SCHEMA`)."""
 
     images = True
 
     def __init__(
         self,
         prompt: str,
-        sampling: dict[str, Any],
+        sampling: Any,
         json_schema: dict[str, Any] | None = None,
         output_column: str = "vlm",
         name: str = "caption",
@@ -46,10 +54,10 @@ class ImageStep:
         self.name = name
         self.prompt = prompt
         self.json_schema = json_schema or DEFAULT_SCORE_SCHEMA
-        self.sampling = {**sampling, "structured_outputs": {"json": json.dumps(self.json_schema)}}
+        self.sampling = EngineSampling.coerce(sampling).with_json_schema(json.dumps(self.json_schema))
         self.output_column = output_column
 
-    def request(self, row: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def request(self, row: Mapping[str, Any]) -> ChatRequest:
         png = row.get(IMAGE_COLUMN)
         if not png:
             raise StepFailed(f"row has no image in {IMAGE_COLUMN!r}")
@@ -57,9 +65,9 @@ class ImageStep:
             {"type": "image_url", "image_url": {"url": image_data_url(bytes(png))}},
             {"type": "text", "text": self.prompt},
         ]
-        return [{"role": "user", "content": content}], self.sampling
+        return ChatRequest([{"role": "user", "content": content}], self.sampling)
 
-    def record(self, row: dict[str, Any], text: str) -> dict[str, Any]:
+    def record(self, row: Mapping[str, Any], text: str) -> str:
         data = json.loads(row["row_json"])
         data[self.output_column] = parse_json_reply(text, self.json_schema)
-        return {"row_json": json.dumps(data, ensure_ascii=False, default=str)}
+        return json.dumps(data, ensure_ascii=False, default=str)

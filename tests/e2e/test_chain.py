@@ -15,7 +15,7 @@ from prefect_rayllm.rayllm_stages.config.base import ConfigError
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
 from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
 from prefect_rayllm.rayllm_stages.jobs.run_log import read_part
-from prefect_rayllm.rayllm_stages.llm.steps import InjectedFault
+from prefect_rayllm.rayllm_stages.testing.faults import StepFaultInjector
 from prefect_rayllm.rayllm_stages.testing.tiny_models import REWRITE_TASK, TOY_TASK, build_tiny_chat_model
 
 COLOURS = [q.split()[1] for q, _ in TOY_TASK]
@@ -143,7 +143,7 @@ def test_rerun_after_fault_in_step_two_does_not_recompute_step_one(tmp_path, ray
 
     crashing = ChainJob(config)
     crashing.prepare()
-    crashing.steps[1].injected_fault = InjectedFault(after_rows=20, marker=str(tmp_path / "fault-fired"))
+    crashing.steps[1] = StepFaultInjector(crashing.steps[1], after_rows=20, marker=str(tmp_path / "fault-fired"))
     with pytest.raises(Exception, match="injected fault"):
         crashing.execute()
     step_one_log = crashing._step_log(0)

@@ -69,10 +69,25 @@ def test_body_sampling_overrides_defaults(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(openai_line("a", "x", max_tokens=5, stop="END", max_completion_tokens=None, seed=3) + "\n")
     (row,) = _rows(_config(path, sampling={"temperature": 0.5, "max_tokens": 9}))
-    assert row.sampling["max_tokens"] == 5
-    assert row.sampling["temperature"] == 0.5
-    assert row.sampling["stop"] == ["END"]
-    assert row.sampling["seed"] == 3
+    assert row.sampling.max_tokens == 5
+    assert row.sampling.temperature == 0.5
+    assert row.sampling.stop == ("END",)
+    assert row.sampling.seed == 3
+    assert row.sampling.top_k == -1  # unset: off, never missing
+
+
+def test_every_request_has_one_shape(tmp_path):
+    path = tmp_path / "in.jsonl"
+    parts = [{"type": "text", "text": "Is teal"}, {"type": "text", "text": "warm or cool?"}]
+    lines = [
+        openai_line("a", parts, max_completion_tokens=3),
+        openai_line("b", "plain", top_k=4),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    a, b = _rows(_config(path))
+    assert a.messages == [{"role": "user", "content": "Is teal\nwarm or cool?"}]
+    assert a.sampling.max_tokens == 3
+    assert a.sampling.for_vllm().keys() == b.sampling.for_vllm().keys()
 
 
 def test_table_template_fields_checked_before_any_run(tmp_path):
