@@ -10,8 +10,8 @@ the stage ask for FINAL_ONLY (same results: Ray returns only the finished output
 engine's real capacity (`max_num_seqs`, KV-cache tokens) into each output's `metrics` so the run can
 report how full the engine was (`runtime.engine_stats`).
 
-Named in the engine stage's runtime_env as `worker_process_setup_hook` (see `HOOK`); every failure
-is logged and leaves Ray's stage as it was.
+Ray runs it when the engine stage's worker starts (`with_engine_hook`); every failure is logged and
+leaves Ray's stage as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 HOOK = "prefect_rayllm.rayllm_stages.llm.engine_hooks.install"
+HOOK_ENV_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 CAPACITY_KEYS = ("rayllm_max_num_seqs", "rayllm_kv_tokens")
 _capacity: dict[str, float] = {}
 
@@ -94,17 +95,21 @@ CPU_STAGES = ("chat_template_stage", "tokenize_stage", "detokenize_stage", "prep
 def with_engine_hook(options: dict[str, Any]) -> dict[str, Any]:
     """`vLLMEngineProcessorConfig` options whose engine stage runs `install` at worker start.
 
-    The processor's runtime_env reaches every stage; the CPU stages configured as dicts keep the
-    runtime_env they had, so only the engine actor imports vLLM for the hook. A runtime_env that
-    names its own setup hook is left alone.
+    Ray runs a worker's setup hook from the environment variable that `ray.init(runtime_env=
+    {"worker_process_setup_hook": ...})` sets for a job; a runtime_env given to one stage must set
+    that variable itself (its `worker_process_setup_hook` key is ignored there). The processor's
+    runtime_env reaches every stage; the CPU stages configured as dicts keep the runtime_env they
+    had, so only the engine actor imports vLLM for the hook. A runtime_env that already names a
+    setup hook is left alone.
     """
     runtime_env = dict(options.get("runtime_env") or {})
-    if "worker_process_setup_hook" in runtime_env:
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    if "worker_process_setup_hook" in runtime_env or HOOK_ENV_VAR in env_vars:
         return options
     options = dict(options)
     for stage in CPU_STAGES:
         config = options.get(stage)
         if isinstance(config, dict) and "runtime_env" not in config:
             options[stage] = {**config, "runtime_env": dict(runtime_env)}
-    options["runtime_env"] = {**runtime_env, "worker_process_setup_hook": HOOK}
+    options["runtime_env"] = {**runtime_env, "env_vars": {**env_vars, HOOK_ENV_VAR: HOOK}}
     return options

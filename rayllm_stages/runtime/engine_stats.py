@@ -176,13 +176,16 @@ class EngineTrace:
         window = slice(low, high + 1)
         t10 = (first + low) * width + _within(cumulative, low, 0.1 * total, rate, width)
         t90 = (first + high) * width + _within(cumulative, high, 0.9 * total, rate, width)
-        steady_s = max(t90 - t10, width)
+        t10 = max(t10, self.extent.start)
+        t90 = min(max(t90, t10), self.extent.end)
+        steady_s = max(t90 - t10, 1e-3)
         capacity = self.kv_capacity or kv_capacity_estimate
         running_mean = _mean(running[window])
         kv_mean = _mean(kv[window])
         summary: dict[str, Any] = {
             "requests": self.requests,
             "tokens_out": self.tokens_out,
+            "first_request_at": round(self.extent.start, 3),
             "engine_span_s": round(self.extent.end - self.extent.start, 3),
             "steady_window_s": [round(t10 - self.extent.start, 2), round(t90 - self.extent.start, 2)],
             "decode_tokens_per_s": round(0.8 * total / steady_s, 1),
