@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
+from prefect_rayllm.rayllm_stages.runtime.engine_stats import efficiency_line
 
 
 def artifact_key(kind: str, location: str) -> str:
@@ -39,6 +40,8 @@ def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ("model", _model_label(manifest)),
     ]
     rows += [(f"errors: {code}", count) for code, count in counts.errors_by_code.items()]
+    # How full each vLLM engine was, and its decode rate against the GPU's bandwidth roofline.
+    rows += [(f"engine: {step}", efficiency_line(report)) for step, report in (manifest.engine or {}).items()]
     return [{"metric": name, "value": str(value)} for name, value in rows]
 
 
@@ -70,6 +73,7 @@ def batch_report_markdown(manifest: Manifest) -> str:
         f"Throughput: {manifest.throughput.rows_per_s} rows/s, "
         f"{manifest.throughput.output_tokens_per_s} output tokens/s over {manifest.timings.wall_s} s.",
     ]
+    lines += [f"Engine ({step}): {efficiency_line(report)}.  " for step, report in (manifest.engine or {}).items()]
     if manifest.steps:
         lines += ["", "| step | rows | errors | tokens in | tokens out |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {s['name']} | {s['rows']} | {s['errors']} | {s['tokens_in']} | {s['tokens_out']} |" for s in manifest.steps]

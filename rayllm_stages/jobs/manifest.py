@@ -105,6 +105,11 @@ class Manifest(BaseModel):
         default_factory=list, description="Serve-hosted engines used: app, deployment, deployed by this run or reused"
     )
     max_error_rate: float | None = Field(None, description="batch and chain: the run fails above this error rate")
+    engine: dict[str, Any] | None = Field(
+        None,
+        description="batch and chain, per LLM step (vLLM): running requests, KV-cache use, decode tokens/s and its "
+        "share of the GPU's memory-bandwidth roofline, over the run's steady part (runtime.engine_stats)",
+    )
     # curation
     curation: CurationSection | None = None
 
