@@ -34,16 +34,18 @@ def start_runtimes(ray_address: str | None) -> None:
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
 
+    from prefect_rayllm.flows.console import quiet_ray_driver_logs
     from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
+    from prefect_rayllm.tasks.runtime import ray_worker_env, temporary_prefect_server
 
     background = [threading.Thread(target=_import_engine_stack, name="import-engine-stack", daemon=True)]
     if not PREFECT_API_URL.value() and PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-        from prefect.server.api.server import SubprocessASGIServer
-
-        background.append(threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True))
+        server = temporary_prefect_server()  # its URL is known now; Ray's workers are told it
+        background.append(threading.Thread(target=server.start, name="prefect-server-start", daemon=True))
     for thread in background:
         thread.start()
-    ray_runtime.connect(ray_address)
+    ray_runtime.connect(ray_address, env_vars=ray_worker_env())
+    quiet_ray_driver_logs()
     for thread in background:
         thread.join()
 

@@ -1,28 +1,30 @@
 """Endpoint lifecycle as Prefect tasks: deploy, health, smoke, traffic, canary checks, promote,
 roll back, status and teardown, with the rollout's status artifact and events.
 
-Every task is safe to retry (the functions under it read Serve's state first). API keys are
-resolved inside the tasks that need them, never passed as parameters, so they reach neither the
-API's task inputs nor a log line.
+Every task is safe to retry (the functions under it read Serve's state first). A check's retries
+(`check_retries`) retry only what could not be measured: a verdict on the candidate
+(`CandidateRejected`) is final at once. API keys are resolved inside the tasks that need them,
+never passed as parameters, so they reach neither the API's task inputs nor a log line.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.transactions import Transaction, get_transaction
 from pydantic import Field
 
-from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.config.base import ConfigError, StrictModel
 from prefect_rayllm.rayllm_stages.llm.engines import cluster_has_gpu
 from prefect_rayllm.rayllm_stages.rollout import endpoints
 from prefect_rayllm.rayllm_stages.rollout.config import CanaryStep, RolloutConfig
 from prefect_rayllm.rayllm_stages.rollout.endpoints import (
     CanaryCheckFailed,
     CanaryResult,
+    CandidateRejected,
     EndpointStatus,
     SmokeResult,
     VersionInfo,
@@ -57,7 +59,10 @@ class RolloutReport(StrictModel):
     url: str
     version: str
     previous: str | None
-    outcome: Literal["promoted", "rolled_back", "unchanged"]
+    outcome: Literal["promoted", "rolled_back", "inconclusive", "unchanged"] = Field(
+        description="rolled_back: the candidate failed a check; inconclusive: a check could not be measured "
+        "(either way the candidate is removed and the previous version serves all traffic, as before)"
+    )
     serving: str | None = Field(description="the version serving all traffic afterwards")
     steps: list[StepRecord] = Field(default_factory=list)
     canary: list[CanaryResult] = Field(default_factory=list)
@@ -68,17 +73,16 @@ ROLLOUT_EVENT_FIELDS = {"version", "previous", "serving", "outcome", "reason", "
 
 
 def rollout_event_payload(report: RolloutReport) -> dict[str, Any]:
-    """What `rayllm.rollout.promoted` and `.rolled_back` carry."""
+    """What `rayllm.rollout.promoted`, `.rolled_back` and `.inconclusive` carry."""
     return report.model_dump(mode="json", include=ROLLOUT_EVENT_FIELDS)
 
 
-class RolloutRolledBack(JobFailed):
-    """The candidate failed a check; the previous version serves all traffic again.
+class RolloutStopped(JobFailed):
+    """The rollout stopped before the promotion: the candidate is removed and the previous version
+    serves all traffic again. Carries the report; the flow's failure hook turns it into
+    `rayllm.rollout.<outcome>` with it."""
 
-    The rollout flow's failure hook turns it into `rayllm.rollout.rolled_back` with the report.
-    """
-
-    outcome = "rolled_back"
+    outcome = "stopped"
 
     def __init__(self, message: str, report: RolloutReport):
         super().__init__(message, rollout_event_payload(report))
@@ -88,8 +92,58 @@ class RolloutRolledBack(JobFailed):
         return type(self), (self.message, self.report)
 
 
-class GateRejected(RuntimeError):
+class RolloutRolledBack(RolloutStopped):
+    """The candidate failed a check (a verdict): `rayllm.rollout.rolled_back`."""
+
+    outcome = "rolled_back"
+
+
+class RolloutInconclusive(RolloutStopped):
+    """A check could not be measured, even after its retries (infrastructure error, timeout):
+    nothing was learnt about the candidate. `rayllm.rollout.inconclusive`."""
+
+    outcome = "inconclusive"
+
+
+class GateRejected(CandidateRejected):
     """The evaluation gate rejected the candidate."""
+
+
+def check_retries(config: RolloutConfig) -> dict[str, Any]:
+    """`Task.with_options` for a check: `timeouts.check_attempts` tries with doubling backoff,
+    retrying only what was not measured (never a verdict, never a config error)."""
+    attempts, backoff = config.timeouts.check_attempts, config.timeouts.check_backoff_s
+    return {
+        "retries": attempts - 1,
+        "retry_delay_seconds": [backoff * 2**i for i in range(attempts - 1)] or 0,
+        "retry_condition_fn": _retry_unless_verdict,
+    }
+
+
+def _retry_unless_verdict(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except (CandidateRejected, ConfigError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def plain_reason(exc: BaseException, limit: int = 500) -> str:
+    """`Type: message` on one line of plain text: no colour codes, no traceback (its last line
+    stands for it), whitespace collapsed, at most `limit` characters."""
+    text = _ANSI.sub("", str(exc)).strip()
+    if "Traceback (most recent call last)" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else ""
+    text = " ".join(text.split())
+    name = type(exc).__name__
+    reason = text if text.startswith(f"{name}:") else (f"{name}: {text}" if text else name)
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
 
 
 def endpoint_key(config: RolloutConfig) -> str | None:
@@ -118,28 +172,25 @@ def plan_rollout(config: RolloutConfig) -> RolloutPlan:
 def deploy_candidate(config: RolloutConfig) -> VersionInfo:
     """Deploy the candidate beside the current version (reused when it already runs).
 
-    Its rollback hook restores the previous version's traffic and deletes the candidate.
+    `remove_candidate` undoes it.
     """
     info = endpoints.deploy_version(config, cluster_has_gpu())
-    transaction = get_transaction()
-    if transaction is not None:
-        transaction.set("config", config.model_dump(mode="json"))
-        transaction.set("candidate", info.model_dump(mode="json"))
     get_run_logger().info("candidate %s at %s", info.version, info.url)
     return info
 
 
-@deploy_candidate.on_rollback
-def _roll_back_candidate(transaction: Transaction) -> None:
-    config = RolloutConfig.model_validate(transaction.get("config"))
-    candidate = VersionInfo.model_validate(transaction.get("candidate"))
+@task(name="remove-candidate", cache_policy=NO_CACHE, **SERVE_RETRIES)
+def remove_candidate(config: RolloutConfig, candidate: VersionInfo) -> str | None:
+    """Give the primary version all traffic again and delete the candidate; returns the primary.
+
+    Safe at any point of a rollout (before the router exists, after a partial shift) and twice.
+    The rollout flow runs it once, after the last check and all of its retries have ended.
+    """
     primary = endpoints.rollback(config, candidate, cluster_has_gpu(), api_key=endpoint_key(config))
     get_run_logger().warning(
-        "endpoint %s rolled back: %s serves all traffic, candidate %s deleted",
-        config.endpoint,
-        primary or "nothing",
-        candidate.version,
+        "endpoint %s: %s serves all traffic, candidate %s deleted", config.endpoint, primary or "nothing", candidate.version
     )
+    return primary
 
 
 @task(name="wait-healthy", cache_policy=NO_CACHE)
@@ -150,9 +201,12 @@ def wait_healthy(config: RolloutConfig, info: VersionInfo) -> float:
     return seconds
 
 
-@task(name="smoke-test", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+@task(name="smoke-test", cache_policy=NO_CACHE)
 def smoke_test(config: RolloutConfig, base_url: str) -> list[SmokeResult]:
-    """Every golden prompt against `base_url`: non-empty, in time, matching `expect` / `json_schema`."""
+    """Every golden prompt against `base_url`: non-empty, in time, matching `expect` / `json_schema`.
+
+    Raises `SmokeTestFailed` (a verdict) or `CheckUnmeasured` (no answer); run it with
+    `smoke_test.with_options(**check_retries(config))` to retry only the latter."""
     results = endpoints.smoke_test(base_url, config.model_id, config.smoke, endpoint_key(config), config.timeouts.request_s)
     get_run_logger().info("smoke test on %s: %d of %d prompts passed", base_url, len(results), len(results))
     return results
@@ -172,7 +226,10 @@ def shift_traffic(
 
 @task(name="check-canary", cache_policy=NO_CACHE)
 def check_canary(config: RolloutConfig, step: CanaryStep, candidate: VersionInfo, since: float) -> CanaryResult:
-    """Hold the step, probe the stable URL, then check the candidate's error rate and latency."""
+    """Hold the step, probe the stable URL, then check the candidate's error rate and latency.
+
+    Returns the step's counters (`result.problems`: the verdict); raises `CheckUnmeasured` when
+    the step could not be judged. Run it with `check_retries(config)`."""
     result = endpoints.hold_and_check(config, step, candidate, since, endpoint_key(config))
     get_run_logger().info(
         "canary %d%%: candidate served %d requests, %d errors, p99 %s s; probes %d/%d",
@@ -220,7 +277,8 @@ def canary_failure(result: CanaryResult) -> CanaryCheckFailed:
 
 @task(name="publish-rollout", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_rollout(report: RolloutReport) -> None:
-    """Status table (one row per step), a markdown summary, and the event `rayllm.rollout.promoted`."""
+    """Status table (one row per step), a markdown summary, and the event `rayllm.rollout.promoted`
+    (the flow's failure hook tells `rolled_back` and `inconclusive`)."""
     rows = [
         {
             "step": s.step,
@@ -251,5 +309,5 @@ def publish_rollout(report: RolloutReport) -> None:
             for c in report.canary
         ]
     create_markdown_artifact("\n".join(lines), key=artifact_key("rollout-report", report.endpoint), description="Rollout report")
-    if report.outcome == "promoted":  # a rollback is told by the flow's failure hook (RolloutRolledBack)
+    if report.outcome == "promoted":  # a stopped rollout is told by the flow's failure hook (RolloutStopped)
         emit_job_event("rollout", "promoted", report.endpoint, rollout_event_payload(report), resource="endpoint")

@@ -1,4 +1,5 @@
-"""Progress of long steps: a Prefect progress artifact, plus listeners such as the CLI's progress bar."""
+"""Progress of long steps: a Prefect progress artifact, plus listeners such as the CLI's progress bar
+and its line per rollout step."""
 
 from __future__ import annotations
 
@@ -50,6 +51,30 @@ class ProgressReporter:
             self._artifact_id = create_progress_artifact(percent, key=self.key, description=description)  # type: ignore[assignment]
         else:
             update_progress_artifact(self._artifact_id, percent, description=description)
+
+
+StepListener = Callable[[str, str, float, str], None]
+_step_listeners: list[StepListener] = []
+
+
+@contextlib.contextmanager
+def step_listener(listener: StepListener) -> Iterator[None]:
+    """Call `listener(step, state, seconds, detail)` as each step of a flow in this process starts
+    (state "started") and ends ("passed" or "failed"); the CLI prints a line for each."""
+    _step_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _step_listeners.remove(listener)
+
+
+def report_step(step: str, state: str, seconds: float = 0.0, detail: str = "") -> None:
+    """Tell the step listeners about `step` (a listener's failure never fails the flow)."""
+    for listener in list(_step_listeners):
+        try:
+            listener(step, state, seconds, detail)
+        except Exception:
+            pass
 
 
 def _in_prefect_run() -> bool:

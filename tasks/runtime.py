@@ -39,6 +39,22 @@ def ray_worker_env(api_url: str | None = None) -> dict[str, str]:
     return env
 
 
+def temporary_prefect_server() -> Any:
+    """The temporary Prefect server this process's flows will use (Prefect's own
+    `SubprocessASGIServer`, as Prefect starts it without PREFECT_API_URL), its port chosen now so
+    that its URL is known before it answers; call `.start()` on it (it may run in a thread).
+
+    Its process inherits this process's supervision mark: it ends with the command that started
+    it, even a killed one (`rayllm_stages.runtime.supervision`).
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.port is None:
+        server.port = server.find_available_port()
+    return server
+
+
 def _temporary_server_url() -> str | None:
     try:
         from prefect.server.api.server import SubprocessASGIServer

@@ -7,6 +7,7 @@ or argument. A config or input error is one message on stderr, never a traceback
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from prefect_rayllm.flows.console import FORMAT_ENV, LogFormat, start_command
 from prefect_rayllm.rayllm_stages.config.base import ConfigError
 
 # Help panels: what a command is for.
@@ -73,11 +75,20 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    log_format: LogFormat = typer.Option(
+        LogFormat.progress,
+        "--log-format",
+        envvar=FORMAT_ENV,
+        help="progress: a progress bar or a line per step, then a summary; text: Prefect's log lines; json: log lines as JSON.",
+    ),
 ) -> None:
     """Prefect flows over Ray Data LLM and Ray Serve LLM: batch inference, curation, chains, evaluation, rollout.
 
     Exit codes: 0 done; 1 the run failed; 2 a bad config, input or argument.
     """
+    # Before the command starts anything: its console, and a watchdog that stops whatever it
+    # starts when it ends, however it ends (SIGKILL too).
+    start_command(log_format, supervise=not {"--help", "-h"} & set(sys.argv[1:]))
 
 
 class Kind(StrEnum):

@@ -196,17 +196,21 @@ def rollout(
     Deploy beside the current version, health, smoke, evaluation gate, canary steps, then
     promote, or roll back and keep the old version serving.
 
-    Exit code 0: promoted (or already serving); 1: rolled back or failed; 2: bad config.
+    Exit code 0: promoted (or already serving); 1: rolled back (a check failed), inconclusive
+    (a check could not be measured) or failed; 2: bad config.
     A local Ray lives as long as this process: use `ray start --head` and `--ray-address auto`
     for an endpoint that outlives the command.
     """
     config = load_checked("rollout", config_file, {"ray_address": ray_address})
+    from prefect_rayllm.flows.console import print_step
     from prefect_rayllm.flows.rollout import rollout_endpoint
+    from prefect_rayllm.tasks.progress import step_listener
 
     quiet_ray_logs()
     start_runtimes(config.ray_address)
     try:
-        report = rollout_endpoint(config=config)
+        with step_listener(print_step(console)):
+            report = rollout_endpoint(config=config)
     except ConfigError:
         raise
     except Exception as exc:

@@ -63,6 +63,10 @@ class RolloutTimeouts(StrictModel):
     deploy_s: float = Field(900.0, gt=0, description="candidate app RUNNING and listing the model")
     request_s: float = Field(60.0, gt=0, description="one HTTP request of a check")
     drain_s: float = Field(2.0, ge=0, description="wait after a traffic shift before deleting a version")
+    check_attempts: int = Field(
+        3, ge=1, description="tries of a check that could not be measured (infrastructure error, timeout) before `inconclusive`"
+    )
+    check_backoff_s: float = Field(10.0, ge=0, description="wait before a check's second try; doubled before each later one")
 
 
 class RolloutConfig(JobConfig):

@@ -43,12 +43,25 @@ class ServeProxyMissing(RuntimeError):
     """Serve runs on the cluster without the HTTP proxy (or on another port) that an endpoint needs."""
 
 
-class HealthCheckFailed(RuntimeError):
+class CandidateRejected(RuntimeError):
+    """A check measured the candidate, and the candidate failed it: a verdict, never retried."""
+
+
+class CheckUnmeasured(RuntimeError):
+    """A check could not be measured (no answer at all, a timeout, too little traffic to judge):
+    no verdict on the candidate. Worth another try; if none measures, the rollout is inconclusive."""
+
+
+class HealthCheckFailed(CandidateRejected):
     """A version did not become RUNNING and list its model in time."""
 
 
-class SmokeTestFailed(RuntimeError):
-    """A golden prompt got no reply, a late one, or one that does not match."""
+class SmokeTestFailed(CandidateRejected):
+    """A golden prompt got an empty reply, a late one, an HTTP error, or one that does not match."""
+
+
+class CanaryCheckFailed(CandidateRejected):
+    """The candidate failed a canary step's checks (error rate, latency, probes)."""
 
 
 class VersionInfo(StrictModel):
@@ -67,6 +80,7 @@ class SmokeResult(StrictModel):
     latency_s: float
     reply: str | None = None
     reason: str | None = None
+    measured: bool = Field(True, description="False when no HTTP answer came back (refused, reset, timed out)")
 
 
 class EndpointStatus(StrictModel):
@@ -293,9 +307,13 @@ def ask(base_url: str, model_id: str, prompt: SmokePrompt, api_key: str | None, 
     start = time.monotonic()
     try:
         status, _, reply = http_json("POST", f"{base_url}/chat/completions", body, api_key, timeout_s)
-    except OSError as exc:
+    except OSError as exc:  # refused, reset, timed out: nothing was measured
         return SmokeResult(
-            prompt=prompt.prompt, ok=False, latency_s=round(time.monotonic() - start, 3), reason=f"{type(exc).__name__}: {exc}"
+            prompt=prompt.prompt,
+            ok=False,
+            latency_s=round(time.monotonic() - start, 3),
+            reason=f"no answer: {type(exc).__name__}: {exc}",
+            measured=False,
         )
     latency = round(time.monotonic() - start, 3)
     if status != 200:
@@ -333,13 +351,20 @@ def smoke_test(
     """Every golden prompt against `base_url`.
 
     Raises:
-        SmokeTestFailed: any prompt failed; the message names each one and why.
+        SmokeTestFailed: a prompt got an answer that fails it; the message names each one and why.
+        CheckUnmeasured: no prompt failed on its answer, but some got no answer at all.
     """
     results = [ask(base_url, model_id, prompt, api_key, timeout_s) for prompt in prompts]
-    failed = [r for r in results if not r.ok]
+    failed = [r for r in results if r.measured and not r.ok]
     if failed:
         raise SmokeTestFailed(
             f"{len(failed)} of {len(results)} smoke prompts failed: " + "; ".join(f"{r.prompt!r}: {r.reason}" for r in failed)
+        )
+    unanswered = [r for r in results if not r.measured]
+    if unanswered:
+        raise CheckUnmeasured(
+            f"{len(unanswered)} of {len(results)} smoke prompts got no answer from {base_url}: "
+            + "; ".join(f"{r.prompt!r}: {r.reason}" for r in unanswered)
         )
     return results
 
@@ -490,10 +515,6 @@ def _state(status) -> str | None:
 
 
 # -- canary steps --------------------------------------------------------------------------------
-class CanaryCheckFailed(RuntimeError):
-    """The candidate failed a canary step's checks (error rate, latency, probes)."""
-
-
 class CanaryResult(StrictModel):
     percent: int
     started: float = Field(description="wall clock, when the weights were applied")
@@ -513,10 +534,8 @@ class CanaryResult(StrictModel):
 
 
 def canary_problems(step, window: TrafficWindow, probes: list[SmokeResult]) -> list[str]:
-    """Why a canary step fails (empty: it passed). `step` is a `CanaryStep`."""
+    """Why the candidate fails a canary step on what was measured (empty: it passed). `step` is a `CanaryStep`."""
     problems = []
-    if window.requests < step.min_requests:
-        problems.append(f"candidate served {window.requests} requests, fewer than min_requests {step.min_requests}")
     if window.error_rate > step.max_error_rate:
         problems.append(
             f"candidate error rate {window.error_rate:.2%} above max_error_rate {step.max_error_rate:.2%} "
@@ -525,13 +544,27 @@ def canary_problems(step, window: TrafficWindow, probes: list[SmokeResult]) -> l
     p99 = window.percentile(99)
     if step.max_p99_latency_s is not None and p99 is not None and p99 > step.max_p99_latency_s:
         problems.append(f"candidate p99 latency {p99:.2f} s above max_p99_latency_s {step.max_p99_latency_s}")
-    problems += [f"probe {p.prompt!r} failed: {p.reason}" for p in probes if not p.ok]
+    problems += [f"probe {p.prompt!r} failed: {p.reason}" for p in probes if p.measured and not p.ok]
     return problems
+
+
+def canary_unmeasured(step, window: TrafficWindow, probes: list[SmokeResult]) -> list[str]:
+    """What a canary step could not measure: too little candidate traffic to judge, probes that
+    got no answer at all (empty: everything was measured)."""
+    gaps = []
+    if window.requests < step.min_requests:
+        gaps.append(f"candidate served {window.requests} requests, fewer than min_requests {step.min_requests}")
+    gaps += [f"probe {p.prompt!r} got {p.reason}" for p in probes if not p.measured]
+    return gaps
 
 
 def hold_and_check(config: RolloutConfig, step, candidate: VersionInfo, since: float, api_key: str | None = None) -> CanaryResult:
     """Hold `step` for its `hold_s`, sending its probes through the stable URL spread over the hold,
     then judge what the candidate served since `since` (`result.problems` lists what failed).
+
+    Raises:
+        CheckUnmeasured: nothing failed on what was measured, but the step could not be judged
+            (too few candidate requests, probes without an answer).
     """
     probes: list[SmokeResult] = []
     gap = step.hold_s / (step.probe_requests + 1)
@@ -554,6 +587,9 @@ def hold_and_check(config: RolloutConfig, step, candidate: VersionInfo, since: f
         probes=len(probes),
         problems=canary_problems(step, window, probes),
     )
+    gaps = canary_unmeasured(step, window, probes)
+    if result.passed and gaps:
+        raise CheckUnmeasured(f"canary {step.percent}%: " + "; ".join(gaps))
     return result
 
 

@@ -107,7 +107,7 @@ def supervise(*, reap: bool = True) -> Supervisor | None:
         if reap:
             stopped = reap_orphans()
             if stopped:
-                logger.warning("stopped %d processes left behind by rayllm commands that died", len(stopped))
+                logger.info("stopped %d processes left behind by rayllm commands that died", len(stopped))
         owner = Owner.of(os.getpid())
         watchdog = _start_watchdog(owner)  # before the mark: the watchdog is not the owner's work
         owners = [t for t in os.environ.get(OWNERS_ENV, "").split(",") if t.strip()]

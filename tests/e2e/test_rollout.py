@@ -1,9 +1,10 @@
 """Endpoint rollout: config checks and traffic logic (fast), then real rollouts on Ray Serve LLM with
 the CPU vLLM engine under a concurrent client load (slow).
 
-The slow tests share one endpoint. The first deploys the trained tiny model as the first version,
-then rolls out the untrained twin, which the evaluation gate rejects; the second rolls out a good
-candidate through the canary steps. Three engines start in all.
+The slow tests share one endpoint, whose fixture deploys the trained tiny model as the first
+version. Then: the untrained twin with an unreachable gate (an injected fault) ends `inconclusive`;
+the untrained twin again, which the evaluation gate rejects; a good candidate through the canary
+steps. Four engines start in all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from prefect_rayllm.rayllm_stages.config.base import ConfigError, validate_config
 from prefect_rayllm.rayllm_stages.rollout.config import CanaryStep, RolloutConfig
-from prefect_rayllm.rayllm_stages.rollout.endpoints import SmokeResult, canary_problems
+from prefect_rayllm.rayllm_stages.rollout.endpoints import SmokeResult, canary_problems, canary_unmeasured
 from prefect_rayllm.rayllm_stages.rollout.traffic import (
     RouteTable,
     TrafficStats,
@@ -143,12 +144,55 @@ def test_stats_windows_merge_and_judge_a_canary_step():
     window = merge_stats([stats.since(t0)])["v-new"]
     assert window.percentile(50) == 0.5 and window.percentile(99) == 1.0
     step = CanaryStep(percent=10, max_error_rate=0.05, max_p99_latency_s=0.5, min_requests=20)
-    probes = [SmokeResult(prompt=PROMPT, ok=False, latency_s=0.1, reason="HTTP 500: boom")]
+    probes = [
+        SmokeResult(prompt=PROMPT, ok=False, latency_s=0.1, reason="HTTP 500: boom"),
+        SmokeResult(prompt=PROMPT, ok=False, latency_s=60, reason="no answer: TimeoutError: timed out", measured=False),
+    ]
     problems = canary_problems(step, window, probes)
-    assert len(problems) == 4
-    assert "fewer than min_requests 20" in problems[0] and "error rate 10.00% above" in problems[1]
-    assert "p99 latency 1.00 s above" in problems[2] and "HTTP 500: boom" in problems[3]
+    assert len(problems) == 3
+    assert "error rate 10.00% above" in problems[0] and "p99 latency 1.00 s above" in problems[1]
+    assert "HTTP 500: boom" in problems[2]
+    # What could not be measured is no verdict on the candidate: too little traffic, no answer.
+    gaps = canary_unmeasured(step, window, probes)
+    assert len(gaps) == 2 and "fewer than min_requests 20" in gaps[0] and "TimeoutError" in gaps[1]
     assert canary_problems(CanaryStep(percent=10), TrafficWindow(), []) == []
+    assert canary_unmeasured(CanaryStep(percent=10), TrafficWindow(), []) == []
+
+
+def test_a_check_without_an_answer_is_unmeasured_not_failed():
+    """Smoke prompts against a port where nothing listens: no verdict, so it is retried, never
+    reported as the candidate failing."""
+    from prefect_rayllm.rayllm_stages.rollout.config import SmokePrompt
+    from prefect_rayllm.rayllm_stages.rollout.endpoints import CandidateRejected, CheckUnmeasured, smoke_test
+
+    with pytest.raises(CheckUnmeasured, match="2 of 2 smoke prompts got no answer") as raised:
+        smoke_test(f"http://127.0.0.1:{_free_port()}/v1", "colours", [SmokePrompt(prompt=PROMPT)] * 2, timeout_s=5)
+    assert not isinstance(raised.value, CandidateRejected)
+
+
+def test_reasons_are_plain_text_and_only_unmeasured_checks_are_retried():
+    from prefect.states import Failed
+
+    from prefect_rayllm.rayllm_stages.rollout.endpoints import CheckUnmeasured, SmokeTestFailed
+    from prefect_rayllm.tasks.endpoints import GateRejected, _retry_unless_verdict, check_retries, plain_reason
+
+    coloured = RuntimeError(
+        'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "\x1b[1;31mSmokeTestFailed\x1b[0m: reply does not contain 'warm'\n"
+    )
+    assert plain_reason(coloured) == "RuntimeError: SmokeTestFailed: reply does not contain 'warm'"
+    assert plain_reason(SmokeTestFailed("1 of 1 smoke prompts failed:\n  'x': empty reply")) == (
+        "SmokeTestFailed: 1 of 1 smoke prompts failed: 'x': empty reply"
+    )
+    assert len(plain_reason(RuntimeError("x" * 2000))) == 500
+
+    config = validate_config(RolloutConfig, rollout_dict(timeouts={"check_attempts": 3, "check_backoff_s": 5}))
+    options = check_retries(config)
+    assert options["retries"] == 2 and options["retry_delay_seconds"] == [5, 10]
+    verdicts = [SmokeTestFailed("no"), GateRejected("no"), ConfigError("bad")]
+    assert not any(_retry_unless_verdict(None, None, Failed(data=exc)) for exc in verdicts)
+    assert _retry_unless_verdict(None, None, Failed(data=CheckUnmeasured("no answer")))
+    assert _retry_unless_verdict(None, None, Failed(data=ConnectionRefusedError("refused")))
 
 
 def test_smoke_replies_are_judged_on_content_latency_and_schema():
@@ -294,40 +338,106 @@ def test_scale_changes_the_bounds_of_the_running_version_in_place(endpoint, tiny
         endpoints.scale_version(config, 2, 1, gpu=False)
 
 
+def _gate_evaluation(tmp_path: Path) -> dict:
+    """An evaluation gate on the toy task: exact match at least 0.8."""
+    from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK
+
+    dataset = tmp_path / "eval.jsonl"
+    dataset.write_text(
+        "".join(json.dumps({"qid": f"q{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(TOY_TASK))
+    )
+    return {
+        "name": "colours-rollout",
+        "output": str(tmp_path / "evals"),
+        "dataset": {
+            "path": str(dataset),
+            "id_field": "qid",
+            "input_field": "question",
+            "reference_field": "answer",
+            "tags_field": None,
+        },
+        "prompt": {"user": "{{ question }}"},
+        "sampling": {"max_tokens": 8},
+        "metrics": [{"type": "exact_match"}],
+        "gate": {"min": {"exact_match": 0.8}},
+    }
+
+
+@pytest.mark.slow
+def test_an_unmeasurable_gate_stops_the_rollout_as_inconclusive(endpoint, tiny_models, tmp_path, monkeypatch):
+    """Injected fault: the gate's evaluation endpoint is unreachable (a port where nothing
+    listens). The gate is tried `check_attempts` times with doubling backoff, then the rollout stops
+    as `inconclusive`: candidate removed, traffic as before, the reason says what could not be
+    measured, and nothing says the candidate failed the bar."""
+    from prefect import flow
+    from prefect_api import artifacts_with_key, wait_for_event
+
+    import prefect_rayllm.flows.rollout as rollout_flow
+    from prefect_rayllm.flows.rollout import rollout_endpoint
+    from prefect_rayllm.rayllm_stages.rollout import endpoints
+    from prefect_rayllm.tasks.endpoints import RolloutInconclusive, RolloutRolledBack
+    from prefect_rayllm.tasks.reporting import artifact_key
+
+    make_config, current = endpoint
+    unreachable = f"http://127.0.0.1:{_free_port()}/v1"
+    tries: list[float] = []
+
+    @flow(name="evaluate-injected-fault-unreachable-endpoint")
+    def injected_fault_unreachable_gate(config):
+        tries.append(time.monotonic())
+        endpoints.http_json("GET", f"{unreachable}/models", timeout_s=5)  # refused: nothing listens there
+
+    monkeypatch.setattr(rollout_flow, "evaluate", injected_fault_unreachable_gate)
+    config = make_config(
+        tiny_models["bad"],
+        smoke=[{"prompt": PROMPT}],
+        evaluation=_gate_evaluation(tmp_path),
+        timeouts={"deploy_s": 600, "drain_s": 2, "check_attempts": 3, "check_backoff_s": 2},
+    )
+    began = datetime.now(UTC)
+    with _load(config) as load:
+        time.sleep(2)
+        with pytest.raises(RolloutInconclusive) as raised:
+            rollout_endpoint(config=config)
+        time.sleep(2)
+    report = raised.value.report
+
+    assert not isinstance(raised.value, RolloutRolledBack)
+    assert report.outcome == "inconclusive" and report.serving == current
+    assert report.reason.startswith("evaluation gate could not be measured: CheckUnmeasured: the evaluation failed 3 times")
+    assert "Connection refused" in report.reason and "rejected" not in report.reason
+    assert [(s.step, s.passed) for s in report.steps] == [
+        ("deploy", True),
+        ("health", True),
+        ("smoke", True),
+        ("evaluation gate", False),
+    ]
+    gaps = [b - a for a, b in zip(tries, tries[1:], strict=False)]
+    assert len(tries) == 3 and gaps[0] >= 1.9 and gaps[1] >= 3.9, gaps  # backoff 2 s, then 4 s
+
+    status = endpoints.endpoint_status("colours")
+    assert status.primary == current and status.weights == {current: 100}
+    assert list(status.versions) == [f"colours-{current}"]  # the candidate is gone
+    assert [s.error for s in load.samples if not s.ok] == [] and {s.version for s in load.samples} == {current}
+
+    tables = [str(a.data) for a in artifacts_with_key(artifact_key("rollout", "colours"))]
+    stopped = [data for data in tables if "could not be measured" in data]
+    assert stopped and "\x1b" not in stopped[-1] and "Traceback" not in stopped[-1]  # plain text
+    event = wait_for_event("rayllm.rollout.inconclusive", "rayllm.endpoint.colours", since=began)
+    assert event.payload["serving"] == current and event.payload["outcome"] == "inconclusive"
+
+
 @pytest.mark.slow
 def test_gate_rejects_a_bad_candidate_and_the_old_version_keeps_serving(endpoint, tiny_models, tmp_path):
     from prefect_api import artifacts_with_key, wait_for_event
 
     from prefect_rayllm.flows.rollout import rollout_endpoint
     from prefect_rayllm.rayllm_stages.rollout import endpoints
-    from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK
     from prefect_rayllm.tasks.endpoints import RolloutRolledBack
     from prefect_rayllm.tasks.reporting import artifact_key
 
     make_config, current = endpoint
-    dataset = tmp_path / "eval.jsonl"
-    dataset.write_text(
-        "".join(json.dumps({"qid": f"q{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(TOY_TASK))
-    )
-    config = make_config(
-        tiny_models["bad"],
-        smoke=[{"prompt": PROMPT}],
-        evaluation={
-            "name": "colours-rollout",
-            "output": str(tmp_path / "evals"),
-            "dataset": {
-                "path": str(dataset),
-                "id_field": "qid",
-                "input_field": "question",
-                "reference_field": "answer",
-                "tags_field": None,
-            },
-            "prompt": {"user": "{{ question }}"},
-            "sampling": {"max_tokens": 8},
-            "metrics": [{"type": "exact_match"}],
-            "gate": {"min": {"exact_match": 0.8}},
-        },
-    )
+    config = make_config(tiny_models["bad"], smoke=[{"prompt": PROMPT}], evaluation=_gate_evaluation(tmp_path))
     start, began = time.monotonic(), datetime.now(UTC)
     with _load(config) as load:
         time.sleep(2)
