@@ -47,6 +47,7 @@ from prefect_rayllm.rayllm_stages.jobs.manifest import CurationSection, Manifest
 from prefect_rayllm.tasks.batch import EXECUTION_RETRIES, STORAGE_RETRIES
 from prefect_rayllm.tasks.progress import ProgressReporter
 from prefect_rayllm.tasks.reporting import artifact_key
+from prefect_rayllm.tasks.runtime import worker_logs_to_task
 
 Rows = Any  # a ray.data.Dataset or a list of row dicts
 
@@ -80,6 +81,7 @@ def prepare_curation(config: CurationConfig, overwrite: bool = False) -> Prepara
 
 
 @task(name="curate-images", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
+@worker_logs_to_task
 def run_curation(config: CurationConfig) -> Execution:
     """Fetch, decode, caption and score every image without a record, as one streaming pipeline;
     records are committed as they arrive, so a retry resumes where this stopped."""
@@ -232,6 +234,7 @@ def decode_images(data: Rows, config: DecodeConfig | dict[str, Any] | None = Non
 
 
 @task(name="caption-images", cache_policy=NO_CACHE)
+@worker_logs_to_task
 def caption_images(
     data: Rows,
     model: ModelSpec,

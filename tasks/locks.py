@@ -56,6 +56,6 @@ def endpoint_lock(endpoint: str, timeout_seconds: float | None = None) -> Iterat
     name = endpoint_lock_name(endpoint)
     ensure_limit(name)
     # The lease is renewed in the background while the rollout runs (minutes); a failed renewal
-    # must not kill a rollout half-way (its own transaction is what keeps the endpoint safe).
+    # must not kill a rollout half-way (its own clean-up, remove_candidate, keeps the endpoint safe).
     with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True, raise_on_lease_renewal_failure=False):
         yield
