@@ -38,6 +38,7 @@ from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest, Timings, build_counts, build_throughput
 from prefect_rayllm.rayllm_stages.jobs.run_log import RunLog
 from prefect_rayllm.rayllm_stages.llm.engines import build_engine_processor, cluster_has_gpu, engine_error_of
+from prefect_rayllm.rayllm_stages.runtime.engine_stats import EngineTraces
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Execution:
     errors: int
     seconds: float
     first_result_s: float | None
+    engine: dict[str, Any] | None = None  # per LLM step: how full the engine was (runtime.engine_stats)
 
 
 @dataclass
@@ -161,6 +163,10 @@ class ResumableJob:
 
     def release(self) -> None:
         """Called when `execute` ends, finished or not (e.g. delete the engines it deployed)."""
+
+    def engine_report(self) -> dict[str, Any] | None:
+        """After `work`: per LLM step, how full its engine was (None: no engine timings)."""
+        return None
 
     def output_files(self) -> list[Location]:
         """The files `write_outputs` writes besides manifest.json (removed on overwrite)."""
@@ -253,6 +259,7 @@ class ResumableJob:
             errors=errors,
             seconds=round(time.time() - started, 3),
             first_result_s=round(first_result_at - started, 3) if first_result_at else None,
+            engine=self.engine_report(),
         )
 
     # -- finalize --------------------------------------------------------------------------
@@ -332,6 +339,7 @@ class LLMJob(ResumableJob):
         self.errors_file = self.output.child("errors.jsonl")
         self._served_engines: dict[str, tuple[Any, bool]] = {}  # Serve app -> (engine, keep_serving)
         self.engines_used: list[Any] = []  # every ServedEngine this job used, for the manifest
+        self.engine_traces = EngineTraces()
 
     # -- what subclasses define ------------------------------------------------------------
     def input_rows(self, input_format: str) -> Iterator[InputRow | RowError]:
@@ -403,6 +411,10 @@ class LLMJob(ResumableJob):
     def release(self) -> None:
         self.release_engines()
 
+    def engine_report(self) -> dict[str, Any] | None:
+        steps = getattr(self.config, "steps", None)
+        return self.engine_traces.report({s.name: s.model for s in steps} if steps else {"batch": self.config.model})
+
     def work(self, job: dict[str, Any], attempt: int) -> Work:
         done = self.log.done_indexes()
         return Work(total=job["total_rows"], done=len(done), rows=self._finished_rows(job, done, attempt))
@@ -429,6 +441,7 @@ class LLMJob(ResumableJob):
         if not refs and not self.has_resumed_rows():
             return
         for row in self.pipeline(refs, attempt).iter_rows():
+            self.engine_traces.observe(row.get("usage_json"))
             error = engine_error_of(row)
             if error:
                 line, code = formatter.engine_error(row, error)
@@ -471,6 +484,7 @@ class LLMJob(ResumableJob):
             max_error_rate=self.config.max_error_rate,
             steps=self.step_summaries(stats),
             engines=self.log.read_engines(),
+            engine=execution.engine if execution else None,
             **self.manifest_fields(),
         )
 
