@@ -138,7 +138,8 @@ def _roll_out(config: RolloutConfig) -> RolloutReport:
         rejected = isinstance(exc, CandidateRejected)
         failed_step = next((s.step for s in reversed(report.steps) if not s.passed), "rollout")
         reason = f"{failed_step}: {plain_reason(exc)}"
-        if not rejected and isinstance(exc, Exception):
+        checked = failed_step in ("health", "smoke", "evaluation gate") or failed_step.startswith("canary")
+        if checked and not rejected:
             reason = f"{failed_step} could not be measured: {plain_reason(exc)}"
         serving = _remove_candidate(config, candidate or version_info(config, plan.version), previous, logger)
         outcome = "rolled_back" if rejected else "inconclusive"
