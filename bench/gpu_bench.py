@@ -531,11 +531,8 @@ def run_ours(ctx: dict[str, Any], spec: str, overrides: dict[str, Any]) -> dict[
         first,
         None,
         {},
+        (manifest.get("engine") or {}).get("batch"),
     )
-    engine = (manifest.get("engine") or {}).get("batch")
-    if engine:
-        result["engine"] = engine
-        result["engine_source"] = "manifest (our per-request engine timings)"
     result["manifest_timings"] = manifest.get("timings")
     return result
 
@@ -552,6 +549,7 @@ def _result(
     first_result_at: float | None,
     timings_path: str | None,
     capacity: dict[str, Any],
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     launched = run["launched_at"]
     result: dict[str, Any] = {
@@ -583,6 +581,9 @@ def _result(
     if timings_path and Path(timings_path).exists():
         result["engine"] = engine_summary(ctx, json.loads(Path(timings_path).read_text()), capacity, result["kv_tokens_from_log"])
         result["engine_source"] = "per-request vLLM timings"
+    if engine:
+        result["engine"] = engine
+        result["engine_source"] = "manifest (our per-request engine timings)"
     engine = result.get("engine")
     window = None
     if engine and engine.get("first_request_at"):
@@ -803,7 +804,7 @@ def main() -> None:
     engine_kwargs = json.loads(args.engine_kwargs)
     if args.smoke:
         args.shape, args.requests, args.max_tokens, args.words = "tiny", min(args.requests, 64), 16, 30
-        engine_kwargs = {"max_model_len": 1024, "gpu_memory_utilization": 0.1 if not gpu else 0.3}
+        engine_kwargs = {"max_model_len": 1024, "gpu_memory_utilization": 0.04 if not gpu else 0.3}
     tag = args.tag or ("smoke-" if args.smoke else "") + time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
