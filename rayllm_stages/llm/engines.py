@@ -8,11 +8,11 @@ contract (`rows.ROW_SCHEMA`).
       --conform--> rows (ROW_SCHEMA)
 
 A row that already failed, or fails here (a prompt longer than the context, a template field that
-is null, a reply that does not match the step's schema), carries the same request columns as the
-others, with the same types, and Ray's error column set: Ray's stages pass it by untouched and it
-never reaches the engine. `rows.conform` then gives every row, good or failed (Ray's own error rows
-included), the declared schema, so no row can change its neighbours' types. One bad row never
-stops the batch.
+is null), gets no request, only its `error` and Ray's error column: Ray's stages pass it by
+untouched and it never reaches the engine. A reply the step cannot use (not matching its schema)
+fails the row in the postprocess. `rows.conform` then gives every row, good or failed (Ray's own
+error rows included), the declared schema, so no row can change its neighbours' types. One bad
+row never stops the batch.
 
 `engine_kwargs_for` answers "which engine kwargs will vLLM get?": every default (CPU, structured
 outputs, images) is merged there, and only there.
@@ -32,7 +32,6 @@ from prefect_rayllm.rayllm_stages.llm.engine_hooks import with_engine_hook
 from prefect_rayllm.rayllm_stages.llm.rows import (
     NO_ERROR,
     RAY_ERROR_COLUMN,
-    EngineSampling,
     RowFailure,
     conform,
     row_error,
@@ -266,13 +265,22 @@ def prepare_request(row: Mapping[str, Any], step: LLMStep, guard: PromptLengthGu
     return request
 
 
-def _request_columns(outcome: ChatRequest | RowFailure) -> tuple[ChatRequest, dict[str, Any]]:
-    """The request to encode (a placeholder of the same shape for a failed row) and the error
-    columns: a failed row has Ray's error column set, so Ray's stages pass it by."""
-    if isinstance(outcome, RowFailure):
-        placeholder = ChatRequest(messages=[], sampling=EngineSampling().placeholder())
-        return placeholder, {"error": outcome.column(), RAY_ERROR_COLUMN: outcome.message or outcome.code}
-    return outcome, {"error": dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
+def _passed_by(failure: RowFailure) -> dict[str, Any]:
+    """A failed row's preprocess output: its error, and Ray's error column set, so that Ray's
+    stages pass it by untouched.
+
+    It gets no request columns: Ray's stages drop or replace the request columns of the rows they
+    run (the vLLM stage pops `sampling_params`), and a failed row still holding them as a struct
+    beside rows where Ray left a null column makes Ray Data's block concatenation fail (ray 2.60:
+    `_backfill_missing_fields` on a null-typed column). Without them the failed row holds only
+    contract columns, which every row has with the same types.
+    """
+    return {"error": failure.column(), RAY_ERROR_COLUMN: failure.message or failure.code}
+
+
+def _runs(columns: dict[str, Any]) -> dict[str, Any]:
+    """A good row's preprocess output: its request columns, no error."""
+    return {**columns, "error": dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
 
 
 def _guard_for(spec: ModelSpec, step: LLMStep) -> PromptLengthGuard | None:
@@ -346,8 +354,10 @@ def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | 
 
 
 def _vllm_preprocess(row: dict[str, Any], step: LLMStep, guard: PromptLengthGuard | None = None) -> dict[str, Any]:
-    request, errors = _request_columns(prepare_request(row, step, guard))
-    return {"messages": request.messages, "sampling_params": request.sampling.for_vllm(), **errors}
+    outcome = prepare_request(row, step, guard)
+    if isinstance(outcome, RowFailure):
+        return _passed_by(outcome)
+    return _runs({"messages": outcome.messages, "sampling_params": outcome.sampling.for_vllm()})
 
 
 def _vllm_postprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:
@@ -398,15 +408,15 @@ def _http_processor(spec: ModelSpec, step: LLMStep, api_key: str | None):
     )
 
 
-def _body_json(model_name: str, outcome: ChatRequest | RowFailure) -> tuple[str, dict[str, Any]]:
-    request, errors = _request_columns(outcome)
-    body = "" if isinstance(outcome, RowFailure) else json.dumps(openai_chat_body(model_name, request), ensure_ascii=False)
-    return body, errors
+def _body_json(model_name: str, request: ChatRequest) -> str:
+    return json.dumps(openai_chat_body(model_name, request), ensure_ascii=False)
 
 
 def _http_preprocess(row: dict[str, Any], model_name: str, step: LLMStep) -> dict[str, Any]:
-    body, errors = _body_json(model_name, prepare_request(row, step))
-    return {"payload": {BODY_FIELD: body}, **errors}
+    outcome = prepare_request(row, step)
+    if isinstance(outcome, RowFailure):
+        return _passed_by(outcome)
+    return _runs({"payload": {BODY_FIELD: _body_json(model_name, outcome)}})
 
 
 def _unwrap_body(data: Any) -> Any:
@@ -521,8 +531,12 @@ def _error_status(error: Any) -> int:
 def _serve_preprocess(
     row: dict[str, Any], model_name: str, step: LLMStep, guard: PromptLengthGuard | None = None
 ) -> dict[str, Any]:
-    body, errors = _body_json(model_name, prepare_request(row, step, guard))
-    return {"method": "chat", "dtype": "ChatRequestFromJson", "request_kwargs": {BODY_FIELD: body}, **errors}
+    outcome = prepare_request(row, step, guard)
+    if isinstance(outcome, RowFailure):
+        return _passed_by(outcome)
+    return _runs(
+        {"method": "chat", "dtype": "ChatRequestFromJson", "request_kwargs": {BODY_FIELD: _body_json(model_name, outcome)}}
+    )
 
 
 def _serve_postprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:

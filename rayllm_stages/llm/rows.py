@@ -4,7 +4,8 @@ Ray Data builds each block's Arrow types from the values its rows happen to hold
 rows of a block lack, or hold as None, becomes a nullable column, and nullable ints come back as
 floats when Ray hands the block to the next stage (STACK.md, "Arrow blocks"). One odd row then
 breaks its whole block (issue 11: a placeholder request lacking `top_k` turned every neighbour's
-`top_k` into a float that vLLM refused). So nothing that travels between stages is left to
+`top_k` into a float that vLLM refused; a row without `seed` did the same to its neighbours'
+seeds, and vLLM's engine core stopped reading requests). So nothing that travels between stages is left to
 inference:
 
 - `ROW_SCHEMA` (Arrow) and `StageRow` (pydantic) declare the columns, with fixed types, that every
@@ -212,10 +213,6 @@ class EngineSampling(BaseModel):
 
     def with_json_schema(self, schema_json: str) -> EngineSampling:
         return self.model_copy(update={"structured_outputs": StructuredOutputs(json=schema_json)})
-
-    def placeholder(self) -> EngineSampling:
-        """The same keys and types, for a row that does not run (it never reaches the engine)."""
-        return self.model_copy(update={"max_tokens": 1, "min_tokens": 0})
 
     def for_vllm(self) -> dict[str, Any]:
         """`vllm.SamplingParams` kwargs, as Ray's vLLM stage reads them from the row."""
