@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 OWNERS_ENV = "RAYLLM_OWNERS"
 # Off switch (e.g. a process manager that already owns the process tree): RAYLLM_SUPERVISE=0.
 ENABLE_ENV = "RAYLLM_SUPERVISE"
-GRACE_S = 2.0
+GRACE_S = 1.0
 _POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
 
