@@ -102,6 +102,7 @@ def main():
         async for output in original_generate(self, *args, **kwargs):
             if output.finished:
                 metrics = dataclasses.asdict(output.metrics) if output.metrics is not None else {}
+                metrics["rayllm_clock_offset"] = time.time() - time.monotonic()
                 timings.append([metrics, len(output.prompt_token_ids or []), len(output.outputs[0].token_ids)])
                 marks.setdefault("first_result", time.time())
                 marks["last_result"] = time.time()
@@ -147,7 +148,7 @@ RAW_RAY_DATA_LLM = r'''
 import json, os, sys, time
 
 MARKER = "BENCH_JSON "
-METRIC_KEYS = ("arrival_time", "queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts", "rayllm_max_num_seqs", "rayllm_kv_tokens")
+METRIC_KEYS = ("arrival_time", "queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts", "rayllm_max_num_seqs", "rayllm_kv_tokens", "rayllm_clock_offset")
 
 
 def main():

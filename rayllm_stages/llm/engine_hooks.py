@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 HOOK = "prefect_rayllm.rayllm_stages.llm.engine_hooks.install"
 HOOK_ENV_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
-CAPACITY_KEYS = ("rayllm_max_num_seqs", "rayllm_kv_tokens")
+CAPACITY_KEYS = ("rayllm_max_num_seqs", "rayllm_kv_tokens", "rayllm_clock_offset")
 _capacity: dict[str, float] = {}
 
 
@@ -77,7 +77,10 @@ def final_only(params: Any) -> None:
 
 def engine_capacity_of(engine_wrapper: Any) -> dict[str, float]:
     """max_num_seqs and KV-cache tokens of a started Ray vLLM engine wrapper ({} where unknown)."""
-    found: dict[str, float] = {}
+    import time
+
+    # Wall-clock minus monotonic on the engine's host: vLLM's engine timestamps are monotonic.
+    found: dict[str, float] = {"rayllm_clock_offset": time.time() - time.monotonic()}
     try:
         config = engine_wrapper.engine.vllm_config
         found["rayllm_max_num_seqs"] = float(config.scheduler_config.max_num_seqs)

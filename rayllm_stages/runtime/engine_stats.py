@@ -38,7 +38,12 @@ SERIES_POINTS = 60
 
 def engine_timing(metrics: Any) -> dict[str, float] | None:
     """Durations of one finished request from Ray's `metrics` column (vLLM `RequestStateStats`, with
-    the capacity `engine_hooks` adds), or None when the engine recorded none."""
+    the capacity `engine_hooks` adds), or None when the engine recorded none.
+
+    `arrival` is when the engine queued the request, on the wall clock: the engine's monotonic
+    queue time plus its host's clock offset when `engine_hooks` recorded it, else the front end's
+    arrival time (which runs ahead of the queue time by however long the front end took).
+    """
     if not isinstance(metrics, dict):
         return None
     try:
@@ -49,6 +54,9 @@ def engine_timing(metrics: Any) -> dict[str, float] | None:
         return None
     if not (arrival > 0 and queued > 0 and scheduled >= queued and first >= scheduled and last >= first):
         return None
+    offset = metrics.get("rayllm_clock_offset")
+    if offset:  # the engine host's clock (engine_hooks): every request on one time line
+        arrival = queued + float(offset)
     timing = {
         "arrival": round(arrival, 4),
         "wait_s": round(scheduled - queued, 4),

@@ -121,6 +121,8 @@ def test_engine_timing_from_vllm_metrics():
         "kv_tokens": 750_000,
     }
     assert engine_timing(None) is None
+    on_engine_clock = engine_timing({**metrics, "rayllm_clock_offset": 1_699_999_000.0})
+    assert on_engine_clock is not None and on_engine_clock["arrival"] == 1_699_999_050.0  # queued_ts + offset
     assert engine_timing({**metrics, "scheduled_ts": 0.0}) is None  # never scheduled: no timing
 
 
