@@ -73,3 +73,10 @@ def test_wheel_has_one_top_level_namespace(tmp_path: Path) -> None:
     # the CLI package, with its module entry point (`python -m prefect_rayllm.flows.cli`)
     assert {f"prefect_rayllm/flows/cli/{m}.py" for m in ("__init__", "__main__", "app", "jobs", "tools")} <= set(names)
     assert not any("/testing/" in name and name.endswith("conftest.py") for name in names)
+
+
+def test_test_files_have_unique_basenames() -> None:
+    """The test folders are not packages (pytest's default import mode): two test files with one
+    basename stop the whole collection with 'import file mismatch'."""
+    names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
