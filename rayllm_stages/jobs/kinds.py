@@ -273,19 +273,12 @@ def check_resume(kind: str, config: Any, overwrite: bool = False) -> None:
     Raises:
         ResumeRefused: naming the output and each changed setting, unless `overwrite`.
     """
-    from prefect_rayllm.rayllm_stages.jobs.lifecycle import ResumeRefused, describe_changes
-
     if overwrite:
         return
     for job in _resumable_jobs(kind, config):
-        record = _reading(job.config.output, job.log.read_job)
-        fingerprint = job.fingerprint()
-        if record is not None and record.get("fingerprint") != fingerprint:
-            raise ResumeRefused(
-                f"output {job.config.output} holds a {job.kind} run with other settings "
-                f"({describe_changes(record.get('fingerprint') or {}, fingerprint)}); "
-                "rerun with overwrite (--overwrite) to start over, or choose another output"
-            )
+        # The lifecycle's own check (jobs.lifecycle): a new output is not read further, so an input
+        # that a later job of the run writes (an evaluation's judge reads the answers) need not exist yet.
+        _reading(job.config.output, job.check_resume)
 
 
 def _resumable_jobs(kind: str, config: Any) -> list[Any]:

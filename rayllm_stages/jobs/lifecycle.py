@@ -190,14 +190,8 @@ class ResumableJob:
             ResumeRefused: the output holds a run with other settings and `overwrite` is False.
         """
         input_format = self.check_input()
+        job = self.check_resume(overwrite)
         fingerprint = self.fingerprint()
-        job = self.log.read_job()
-        if job is not None and job["fingerprint"] != fingerprint and not overwrite:
-            raise ResumeRefused(
-                f"output {self.config.output} holds a {self.kind} run with other settings "
-                f"({describe_changes(job['fingerprint'], fingerprint)}); "
-                "rerun with overwrite (--overwrite) to start over, or choose another output"
-            )
         if overwrite or job is None:
             self.clear()
             job = {
@@ -218,6 +212,27 @@ class ResumableJob:
             already_complete=already_complete,
             resumed=done > 0 and not already_complete,
         )
+
+    def check_resume(self, overwrite: bool = False) -> dict[str, Any] | None:
+        """The output's job record (None: a new run), after checking that this config may resume it.
+
+        Reads only the run log (and, when there is a record, what the fingerprint reads), so it
+        can run before any runtime starts.
+
+        Raises:
+            ResumeRefused: the record was made with other settings (each change named) and not `overwrite`.
+        """
+        job = self.log.read_job()
+        if job is None or overwrite:
+            return job
+        fingerprint = self.fingerprint()
+        if job.get("fingerprint") != fingerprint:
+            raise ResumeRefused(
+                f"output {self.config.output} holds a {self.kind} run with other settings "
+                f"({describe_changes(job.get('fingerprint') or {}, fingerprint)}); "
+                "rerun with overwrite (--overwrite) to start over, or choose another output"
+            )
+        return job
 
     # -- execute ---------------------------------------------------------------------------
     def execute(self, on_progress: ProgressCallback | None = None) -> Execution:

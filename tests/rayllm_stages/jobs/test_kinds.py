@@ -218,3 +218,22 @@ def test_an_evaluation_checks_each_targets_answers(tmp_path: Path) -> None:
     _, now = load_job_config(_yaml(tmp_path, {**data, "sampling": {"max_tokens": 3}}))
     with pytest.raises(ResumeRefused, match="targets/t/answers holds a chain run with other settings"):
         check_resume("evaluation", now)
+
+
+def test_a_new_evaluation_with_a_judge_is_not_refused_before_its_answers_exist(tmp_path: Path) -> None:
+    """The judge chain reads the answers file, which the run writes: a new output checks nothing of it."""
+    from prefect_rayllm.rayllm_stages.jobs.kinds import check_resume
+
+    dataset = tmp_path / "eval.jsonl"
+    dataset.write_text('{"input": "Is red warm or cool?", "reference": "warm"}\n')
+    data = {
+        "name": "e",
+        "dataset": {"path": str(dataset)},
+        "output": str(tmp_path / "evals"),
+        "targets": [{"name": "t", "model": {"source": "m"}}],
+        "metrics": [{"type": "judge"}],
+        "judge": {"model": {"source": "j"}, "rubric": {"user": "{{ input }} {{ prediction }} Score 1-5."}},
+    }
+    _, config = load_job_config(_yaml(tmp_path, data))
+    check_resume("evaluation", config)
+    assert not (tmp_path / "evals").exists()

@@ -298,3 +298,15 @@ def test_batch_job_on_the_lifecycle_without_an_engine(tmp_path):
         3,
     ]
     assert (tmp_path / "out" / "results.jsonl").read_text() == ""
+
+
+def test_check_resume_reads_nothing_of_a_new_output(tmp_path):
+    """Before any runtime (the CLI's check): a new output reads no input (it may not exist yet)."""
+    config = SquareConfig(input=str(tmp_path / "written-later.jsonl"), output=str(tmp_path / "out"))
+    assert SquareJob(config).check_resume() is None
+    (tmp_path / "written-later.jsonl").write_text("1\n")
+    SquareJob(config).prepare()
+    assert SquareJob(config).check_resume()["kind"] == "batch"
+    with pytest.raises(ResumeRefused, match=r"\(power: 2 -> 5\)"):
+        SquareJob(config.model_copy(update={"power": 5})).check_resume()
+    assert SquareJob(config.model_copy(update={"power": 5})).check_resume(overwrite=True) is not None
