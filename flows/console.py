@@ -2,7 +2,8 @@
 
 `--log-format` (or `RAYLLM_LOG_FORMAT`):
     progress  (default) a progress bar or one line per step, then a summary; Prefect's log lines
-              only from WARNING up. The full logs are in the Prefect run (UI, API) either way.
+              only from WARNING up, one line each (no tracebacks). The full logs, tracebacks
+              included, are in the Prefect run (UI, API) either way.
     text      Prefect's log lines as Prefect prints them (INFO and up), then the summary.
     json      Prefect's log lines as JSON objects, one per line (INFO and up), then the summary.
 
@@ -56,18 +57,32 @@ def configure_console(log_format: LogFormat | str) -> None:
     else:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER", "json")
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")  # read when Ray is imported
-    if "prefect" in sys.modules:  # configured already: adjust its console handler in place
-        _adjust_prefect_console()
-    quiet_ray_driver_logs()
+    apply_console_settings()
 
 
-def quiet_ray_driver_logs() -> None:
-    """Ray's and Ray Serve's own driver loggers at WARNING, unless the format is `text`. Ray Serve
-    sets its logger to INFO when it is imported: call this again once it is (after connecting)."""
+def apply_console_settings() -> None:
+    """Apply the format to what is configured now: Prefect's console handler (once Prefect is
+    imported) and Ray's and Ray Serve's own driver loggers (WARNING, unless `text`). Ray Serve sets
+    its logger to INFO when it is imported: call this again once it is (after connecting)."""
     if _format is LogFormat.text:
         return
+    if "prefect.logging.handlers" in sys.modules:
+        _adjust_prefect_console()
     for name in ("ray", "ray.serve", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _OneLine(logging.Formatter):
+    """Another formatter's lines without the traceback or stack that a record may carry."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        plain = logging.makeLogRecord(record.__dict__)
+        plain.exc_info, plain.exc_text, plain.stack_info = None, None, None
+        return self.inner.format(plain).split("\nTraceback (most recent call last)")[0]
 
 
 def _adjust_prefect_console() -> None:
@@ -78,7 +93,9 @@ def _adjust_prefect_console() -> None:
         if isinstance(handler, PrefectConsoleHandler):
             if _format is LogFormat.progress:
                 handler.setLevel(logging.WARNING)
-            elif _format is LogFormat.json:
+                if not isinstance(handler.formatter, _OneLine) and handler.formatter is not None:
+                    handler.setFormatter(_OneLine(handler.formatter))
+            elif _format is LogFormat.json and not isinstance(handler.formatter, JsonFormatter):
                 handler.setFormatter(JsonFormatter("default", "", "%"))
 
 

@@ -34,7 +34,7 @@ def start_runtimes(ray_address: str | None) -> None:
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
 
-    from prefect_rayllm.flows.console import quiet_ray_driver_logs
+    from prefect_rayllm.flows.console import apply_console_settings
     from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
     from prefect_rayllm.tasks.runtime import ray_worker_env, temporary_prefect_server
 
@@ -45,7 +45,7 @@ def start_runtimes(ray_address: str | None) -> None:
     for thread in background:
         thread.start()
     ray_runtime.connect(ray_address, env_vars=ray_worker_env())
-    quiet_ray_driver_logs()
+    apply_console_settings()
     for thread in background:
         thread.join()
 
