@@ -30,7 +30,7 @@ from prefect_rayllm.rayllm_stages.curation.fetch import FetchConfig, FetchImages
 from prefect_rayllm.rayllm_stages.curation.filters import FilterConfig, dedup, rule_rejections
 from prefect_rayllm.rayllm_stages.curation.records import METADATA, as_record, empty_record, plain_value
 from prefect_rayllm.rayllm_stages.llm.engines import LIGHT_MAP_KWARGS
-from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling, RowFailure, row_error, rows_table
+from prefect_rayllm.rayllm_stages.llm.rows import ERROR_COLUMN, EngineSampling, RowFailure, failure_of, rows_table
 from prefect_rayllm.rayllm_stages.llm.vision import DEFAULT_SCORE_SCHEMA, IMAGE_COLUMN, IMAGE_SCHEMA, ImageStep
 
 
@@ -156,7 +156,7 @@ def _to_vlm_rows(batch: dict[str, np.ndarray]):
         }
         if fetch_error or decode_error:
             stage = "fetch" if fetch_error else "decode"
-            row["error"] = RowFailure(code=f"{stage}_error", message=fetch_error or decode_error, step=stage).column()
+            row[ERROR_COLUMN] = RowFailure(code=f"{stage}_error", message=fetch_error or decode_error, step=stage).column()
         out.append(row)
     return rows_table(out, extra=IMAGE_SCHEMA)
 
@@ -166,7 +166,7 @@ def _record_from_vlm_row(row: dict[str, Any]) -> dict[str, Any]:
     metadata = json.loads(row.get("row_json") or "{}")
     record = empty_record(str(row["row_key"]), int(row.get("row_index", -1)))
     record.update({k: metadata[k] for k in METADATA if metadata.get(k) is not None})
-    failure = row_error(row)
+    failure = failure_of(row)
     if failure is not None:
         record.update(stage=failure.step or "caption", reason=failure.message)
         return record

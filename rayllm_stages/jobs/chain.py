@@ -25,7 +25,7 @@ from prefect_rayllm.rayllm_stages.jobs.lifecycle import InputRow, LLMJob, _to_ar
 from prefect_rayllm.rayllm_stages.jobs.run_log import PartWriter, RunLog, read_part
 from prefect_rayllm.rayllm_stages.llm.engines import LIGHT_MAP_KWARGS, cpu_core_sets
 from prefect_rayllm.rayllm_stages.llm.prompts import template_fields
-from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling, RowFailure, row_error
+from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling, RowFailure, failure_of
 from prefect_rayllm.rayllm_stages.llm.steps import LLMStep, TemplateStep
 
 
@@ -180,7 +180,7 @@ class ChainJob(LLMJob):
         return json.loads(row.get("usage_json") or "{}")
 
     def failed_step(self, row: dict[str, Any]) -> str | None:
-        failure = row_error(row)
+        failure = failure_of(row)
         return failure.step if failure else None
 
     def step_summaries(self, stats) -> list[dict[str, Any]]:
@@ -223,7 +223,7 @@ def save_step_outputs(batch, folder: str, storage_options: dict[str, Any], attem
     rows of a step, then pass the batch on unchanged."""
     writer = PartWriter(Location(folder, storage_options), attempt, commit_every_rows=1 << 30, token=uuid.uuid4().hex[:12])
     for record in batch.to_pylist():
-        if row_error(record) is not None:
+        if failure_of(record) is not None:
             continue
         line = json.dumps({name: record[name] for name in ("row_index", "row_key", "row_json", "usage_json")}, default=str)
         writer.add_result(int(record["row_index"]), line, 0, 0, None)

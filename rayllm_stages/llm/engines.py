@@ -8,7 +8,7 @@ contract (`rows.ROW_SCHEMA`).
       --conform--> rows (ROW_SCHEMA)
 
 A row that already failed, or fails here (a prompt longer than the context, a template field that
-is null), gets no request, only its `error` and Ray's error column: Ray's stages pass it by
+is null), gets no request, only its `row_error` and Ray's error column: Ray's stages pass it by
 untouched and it never reaches the engine. A reply the step cannot use (not matching its schema)
 fails the row in the postprocess. `rows.conform` then gives every row, good or failed (Ray's own
 error rows included), the declared schema, so no row can change its neighbours' types. One bad
@@ -30,11 +30,12 @@ from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 from prefect_rayllm.rayllm_stages.llm.capacity import size_vllm_options
 from prefect_rayllm.rayllm_stages.llm.engine_hooks import with_engine_hook
 from prefect_rayllm.rayllm_stages.llm.rows import (
+    ERROR_COLUMN,
     NO_ERROR,
     RAY_ERROR_COLUMN,
     RowFailure,
     conform,
-    row_error,
+    failure_of,
 )
 from prefect_rayllm.rayllm_stages.llm.steps import ChatRequest, LLMStep, PayloadStep, StepFailed
 from prefect_rayllm.rayllm_stages.runtime.engine_stats import with_engine_timing
@@ -252,7 +253,7 @@ def _tokenizer_and_limit(source: str, max_model_len: int | None):
 def prepare_request(row: Mapping[str, Any], step: LLMStep, guard: PromptLengthGuard | None = None) -> ChatRequest | RowFailure:
     """This step's request for `row`, or why the row does not run: the error it already carries
     (an earlier stage or step), the step's refusal, or a prompt that does not fit."""
-    carried = row_error(row)
+    carried = failure_of(row)
     if carried is not None:
         return carried
     try:
@@ -275,12 +276,12 @@ def _passed_by(failure: RowFailure) -> dict[str, Any]:
     `_backfill_missing_fields` on a null-typed column). Without them the failed row holds only
     contract columns, which every row has with the same types.
     """
-    return {"error": failure.column(), RAY_ERROR_COLUMN: failure.message or failure.code}
+    return {ERROR_COLUMN: failure.column(), RAY_ERROR_COLUMN: failure.message or failure.code}
 
 
 def _runs(columns: dict[str, Any]) -> dict[str, Any]:
     """A good row's preprocess output: its request columns, no error."""
-    return {**columns, "error": dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
+    return {**columns, ERROR_COLUMN: dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
 
 
 def _guard_for(spec: ModelSpec, step: LLMStep) -> PromptLengthGuard | None:
@@ -304,7 +305,7 @@ def step_result(
         "row_key": row["row_key"],
         "row_json": row["row_json"],
         "usage_json": json.dumps(usage),
-        "error": dict(NO_ERROR),
+        ERROR_COLUMN: dict(NO_ERROR),
         "generated_text": text,
         "num_input_tokens": tokens_in,
         "num_generated_tokens": tokens_out,
@@ -315,7 +316,7 @@ def step_result(
     try:
         result["row_json"] = step.record(row, text)
     except StepFailed as exc:
-        result["error"] = RowFailure(code=exc.code, message=str(exc), step=step.name).column()
+        result[ERROR_COLUMN] = RowFailure(code=exc.code, message=str(exc), step=step.name).column()
     return result
 
 
@@ -326,7 +327,7 @@ def failed_result(row: Mapping[str, Any], error: RowFailure, status: int) -> dic
         "row_key": row["row_key"],
         "row_json": row["row_json"],
         "usage_json": row.get("usage_json") or "{}",
-        "error": error.column(),
+        ERROR_COLUMN: error.column(),
         "generated_text": "",
         "num_input_tokens": 0,
         "num_generated_tokens": 0,
@@ -337,8 +338,8 @@ def failed_result(row: Mapping[str, Any], error: RowFailure, status: int) -> dic
 
 
 def engine_error_of(row: Mapping[str, Any]) -> RowFailure | None:
-    """The error of an output row (see `rows.row_error`)."""
-    return row_error(row)
+    """The error of an output row (see `rows.failure_of`)."""
+    return failure_of(row)
 
 
 # -- vLLM ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ inference:
 
 - `ROW_SCHEMA` (Arrow) and `StageRow` (pydantic) declare the columns, with fixed types, that every
   row holds between stages, for batch, chain, evaluation and curation alike. A failed row has the
-  same columns and types as a good one; its `error` says what failed, where and why.
+  same columns and types as a good one; its `row_error` says what failed, where and why.
 - `EngineSampling` declares the sampling parameters a row sends to vLLM: a complete key set with
   fixed types for every row, no nulls in integer fields (`top_k` -1 and `seed` -1 mean "off", as
   vLLM reads them).
@@ -23,7 +23,7 @@ Columns (`ROW_SCHEMA`):
     row_json              string   the row's data, a JSON object: table columns plus each step's
                                    output column; for batch jobs the request (messages, sampling, row)
     usage_json            string   per step: {"in": prompt tokens, "out": generated, "latency_s": s}
-    error                 struct   {code, message, step}: code "" while the row is good
+    row_error             struct   {code, message, step}: code "" while the row is good
     generated_text        string   the last step's reply ("" on a failed row)
     num_input_tokens      int64    of the last step (0 on a failed row)
     num_generated_tokens  int64
@@ -32,7 +32,7 @@ Columns (`ROW_SCHEMA`):
 
 Example (a chain row failing in its first step, then passing the second untouched):
     {"row_index": 4, "row_key": "c4", "row_json": "{\"cid\": \"c4\", \"colour\": null}", ...,
-     "error": {"code": "step_error", "message": "field(s) 'colour' are null or missing ...",
+     "row_error": {"code": "step_error", "message": "field(s) 'colour' are null or missing ...",
                "step": "reformat"}, "generated_text": "", "num_input_tokens": 0, ...}
 """
 
@@ -47,6 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Ray's own error column: a row whose value is not "" skips every later Ray stage and our postprocess.
 RAY_ERROR_COLUMN = "__inference_error__"
+# Ours: named so that no stage's output can overwrite it (a Serve reply merged into the row has an
+# `error` key of its own).
+ERROR_COLUMN = "row_error"
 
 ERROR_TYPE = pa.struct(
     [pa.field("code", pa.string(), False), pa.field("message", pa.string(), False), pa.field("step", pa.string(), False)]
@@ -57,7 +60,7 @@ ROW_SCHEMA = pa.schema(
         pa.field("row_key", pa.string(), False),
         pa.field("row_json", pa.string(), False),
         pa.field("usage_json", pa.string(), False),
-        pa.field("error", ERROR_TYPE, False),
+        pa.field(ERROR_COLUMN, ERROR_TYPE, False),
         pa.field("generated_text", pa.string(), False),
         pa.field("num_input_tokens", pa.int64(), False),
         pa.field("num_generated_tokens", pa.int64(), False),
@@ -96,9 +99,9 @@ class RowFailure(BaseModel):
 NO_ERROR: dict[str, str] = {"code": "", "message": "", "step": ""}
 
 
-def row_error(row: Mapping[str, Any]) -> RowFailure | None:
+def failure_of(row: Mapping[str, Any]) -> RowFailure | None:
     """The error a row carries, or None for a good row."""
-    error = row.get("error")
+    error = row.get(ERROR_COLUMN)
     if error and error.get("code"):
         return RowFailure(code=error["code"], message=error.get("message") or "", step=error.get("step") or "")
     return None
@@ -113,7 +116,7 @@ class StageRow(BaseModel):
     row_key: str
     row_json: str = "{}"
     usage_json: str = "{}"
-    error: dict[str, str] = Field(default_factory=lambda: dict(NO_ERROR))
+    row_error: dict[str, str] = Field(default_factory=lambda: dict(NO_ERROR))
     generated_text: str = ""
     num_input_tokens: int = 0
     num_generated_tokens: int = 0
@@ -138,16 +141,16 @@ def conform(batch: pa.Table, step: str) -> pa.Table:
 
     Good rows and rows that failed in our stages keep their values; a row that Ray's stages
     failed themselves (its `__inference_error__` set, our postprocess skipped) gets that reason as
-    its `error` (code `prompt_too_long` or `engine_error`, in `step`). Any other column (Ray's
+    its `row_error` (code `prompt_too_long` or `engine_error`, in `step`). Any other column (Ray's
     intermediates, the request) is dropped, so every block leaves the engine with one schema.
     """
     rows = []
     for row in batch.to_pylist():
         ray_error = row.get(RAY_ERROR_COLUMN) or ""
-        if ray_error and row_error(row) is None:
-            row = {**_failed_columns(row), "error": RowFailure.from_engine(str(ray_error), step).column()}
-        elif row_error(row) is not None:
-            row = {**_failed_columns(row), "error": row["error"]}
+        if ray_error and failure_of(row) is None:
+            row = {**_failed_columns(row), ERROR_COLUMN: RowFailure.from_engine(str(ray_error), step).column()}
+        elif failure_of(row) is not None:
+            row = {**_failed_columns(row), ERROR_COLUMN: row[ERROR_COLUMN]}
         rows.append(row)
     return rows_table(rows)
 

@@ -17,7 +17,7 @@ from prefect_rayllm.rayllm_stages.llm.engines import (
     placement_for,
     prepare_request,
 )
-from prefect_rayllm.rayllm_stages.llm.rows import RAY_ERROR_COLUMN, EngineSampling, RowFailure, StageRow
+from prefect_rayllm.rayllm_stages.llm.rows import ERROR_COLUMN, RAY_ERROR_COLUMN, EngineSampling, RowFailure, StageRow
 from prefect_rayllm.rayllm_stages.llm.steps import ChatRequest, LLMStep, PayloadStep, StepFailed, TemplateStep
 from prefect_rayllm.rayllm_stages.llm.vision import ImageStep
 from prefect_rayllm.rayllm_stages.testing.faults import StepFaultInjector
@@ -80,16 +80,18 @@ def test_a_row_failed_upstream_or_here_is_passed_by_with_its_error_only():
     good = _vllm_preprocess(_row(x="hi"), step)
     refused = _vllm_preprocess(_row(x=None), step)  # a template field is null
     upstream = _vllm_preprocess(
-        {**_row(x="hi"), "error": RowFailure(code="decode_error", message="bad", step="decode").column()}, step
+        {**_row(x="hi"), ERROR_COLUMN: RowFailure(code="decode_error", message="bad", step="decode").column()}, step
     )
-    assert good[RAY_ERROR_COLUMN] == "" and good["error"]["code"] == ""
+    assert good[RAY_ERROR_COLUMN] == "" and good[ERROR_COLUMN]["code"] == ""
     assert good["sampling_params"]["top_k"] == 5 and good["messages"] == [{"role": "user", "content": "hi"}]
-    assert refused["error"]["code"] == "step_error" and refused["error"]["step"] == "answer" and refused[RAY_ERROR_COLUMN]
-    assert upstream["error"] == {"code": "decode_error", "message": "bad", "step": "decode"} and upstream[RAY_ERROR_COLUMN]
+    assert (
+        refused[ERROR_COLUMN]["code"] == "step_error" and refused[ERROR_COLUMN]["step"] == "answer" and refused[RAY_ERROR_COLUMN]
+    )
+    assert upstream[ERROR_COLUMN] == {"code": "decode_error", "message": "bad", "step": "decode"} and upstream[RAY_ERROR_COLUMN]
     for failed in (refused, upstream):  # no request columns: Ray's stages pass the row by
-        assert set(failed) == {"error", RAY_ERROR_COLUMN}
+        assert set(failed) == {ERROR_COLUMN, RAY_ERROR_COLUMN}
     for preprocess in (_http_preprocess, _serve_preprocess):
-        assert set(preprocess(_row(x=None), model_name="tiny", step=step)) == {"error", RAY_ERROR_COLUMN}
+        assert set(preprocess(_row(x=None), model_name="tiny", step=step)) == {ERROR_COLUMN, RAY_ERROR_COLUMN}
 
 
 def test_http_and_serve_bodies_travel_as_json_text():

@@ -22,7 +22,7 @@ from prefect_rayllm.rayllm_stages.llm.rows import (
     RowFailure,
     StageRow,
     conform,
-    row_error,
+    failure_of,
     rows_table,
 )
 from prefect_rayllm.rayllm_stages.llm.steps import PayloadStep
@@ -35,15 +35,17 @@ def good_row(index: int, sampling: EngineSampling, text: str = "Is red warm or c
 
 def failed_row(index: int) -> dict:
     error = RowFailure(code="prompt_too_long", message="prompt is 900 tokens ...", step="batch")
-    return StageRow(row_index=index, row_key=f"k{index}", row_json="{}", error=error.column()).model_dump()
+    return StageRow(row_index=index, row_key=f"k{index}", row_json="{}", row_error=error.column()).model_dump()
 
 
 def test_failed_rows_have_the_columns_and_types_of_good_ones():
     alone = rows_table([failed_row(0)])
     mixed = rows_table([good_row(0, EngineSampling()), failed_row(1)])
     assert alone.schema == mixed.schema == ROW_SCHEMA
-    assert row_error(alone.to_pylist()[0]) == RowFailure(code="prompt_too_long", message="prompt is 900 tokens ...", step="batch")
-    assert row_error(mixed.to_pylist()[0]) is None
+    assert failure_of(alone.to_pylist()[0]) == RowFailure(
+        code="prompt_too_long", message="prompt is 900 tokens ...", step="batch"
+    )
+    assert failure_of(mixed.to_pylist()[0]) is None
 
 
 def test_rows_table_refuses_what_does_not_fit_the_schema():
@@ -86,10 +88,10 @@ def test_conform_folds_rays_error_rows_into_the_one_error_column():
     out = conform(table, step="answer")
     assert out.schema == ROW_SCHEMA
     rows = out.to_pylist()
-    assert row_error(rows[0]) is None and rows[0]["generated_text"] == "warm"
-    assert row_error(rows[1]) == RowFailure(code="prompt_too_long", message="prompt is 900 tokens ...", step="batch")
-    assert row_error(rows[2]).code == "prompt_too_long" and row_error(rows[2]).step == "answer"
-    assert row_error(rows[3]).code == "engine_error" and "engine died" in row_error(rows[3]).message
+    assert failure_of(rows[0]) is None and rows[0]["generated_text"] == "warm"
+    assert failure_of(rows[1]) == RowFailure(code="prompt_too_long", message="prompt is 900 tokens ...", step="batch")
+    assert failure_of(rows[2]).code == "prompt_too_long" and failure_of(rows[2]).step == "answer"
+    assert failure_of(rows[3]).code == "engine_error" and "engine died" in failure_of(rows[3]).message
 
 
 # -- what reaches vLLM, through Ray Data's own block conversion -----------------------------------
