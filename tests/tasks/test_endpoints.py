@@ -79,3 +79,29 @@ def test_promoted_from_the_report_task_rolled_back_from_the_failure_hook(prefect
     assert broken(config={"endpoint": endpoint}, return_state=True).is_failed()
     event = wait_for_event("rayllm.rollout.failed", f"rayllm.endpoint.{endpoint}")
     assert event.payload == {"reason": "TimeoutError: rollout-lock busy for 600 s"}
+
+
+def test_inconclusive_is_its_own_outcome_and_event(prefect_server):
+    """A check that could not be measured stops the rollout as `inconclusive`: its own exception,
+    outcome and event, never `rolled_back` (the candidate was not found failing the bar)."""
+    from prefect_api import wait_for_event
+
+    from prefect_rayllm.tasks.endpoints import RolloutInconclusive
+
+    endpoint = f"colours-{uuid.uuid4().hex[:8]}"
+    reason = "evaluation gate could not be measured: CheckUnmeasured: the evaluation failed 3 times"
+
+    @flow(on_failure=[job_failed_hook("rollout", key="endpoint", resource="endpoint")])
+    def inconclusive(config: dict) -> None:
+        stopped = report(endpoint, "inconclusive", reason=reason)
+        publish_rollout(stopped)
+        raise RolloutInconclusive(f"rollout of v2 to {endpoint} inconclusive: {reason}", stopped)
+
+    error = RolloutInconclusive("x", report(endpoint, "inconclusive", reason=reason))
+    assert error.outcome == "inconclusive" and not isinstance(error, RolloutRolledBack)
+    assert pickle.loads(pickle.dumps(error)).report == error.report
+
+    assert inconclusive(config={"endpoint": endpoint}, return_state=True).is_failed()
+    event = wait_for_event("rayllm.rollout.inconclusive", f"rayllm.endpoint.{endpoint}")
+    assert event.payload["outcome"] == "inconclusive" and event.payload["reason"] == reason
+    assert event.payload["serving"] == "v1"
