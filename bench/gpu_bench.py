@@ -709,7 +709,10 @@ def render_readme(report: dict[str, Any]) -> str:
         README_START,
         f"### `gpu_bench.py` on {hw.get('gpu') or 'no GPU'} ({report['started']})",
         "",
-        f"Command: `{report['command']}`  ",
+        *[
+            f"Command: `{command}`  "
+            for command in ([report["command"]] if isinstance(report["command"], str) else report["command"])
+        ],
         f"Hardware: {hw.get('gpu')} x{hw.get('gpus')}, {hw.get('gpu_memory_gib')} GiB, driver {hw.get('driver')}; "
         f"{hw.get('cpus')} CPU cores; Python {hw.get('python')}; {', '.join(f'{k} {v}' for k, v in report['versions'].items() if v)}  ",
         f"Workload: {report['workload']}  ",
@@ -717,6 +720,8 @@ def render_readme(report: dict[str, Any]) -> str:
         "",
         table(report["results"]),
         "",
+        *[f"- {note}" for note in report.get("notes", [])],
+        *([""] if report.get("notes") else []),
         "Steady decode tok/s: the engine's generated tokens from 10% to 90% of the run's total, from vLLM's own "
         "per-request timings (run_batch: a wrapper keeps each finished request's timings; raw: Ray's `metrics` "
         "column; ours: the manifest's `engine` section). Running / waiting / KV use: the same timings, over that "
