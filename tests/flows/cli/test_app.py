@@ -13,7 +13,7 @@ from prefect_rayllm.flows.cli import app
 PANELS = {
     "Jobs": ["batch", "chain", "evaluate", "curate", "rollout"],
     "Endpoints": ["endpoint"],
-    "Deployments": ["deploy", "serve"],
+    "Deployments": ["deploy", "serve", "api"],
     "Local tools": ["validate", "demo", "make-tiny-model", "make-image-corpus"],
 }
 

@@ -27,6 +27,17 @@ def test_every_example_is_a_valid_config_of_its_kind(example: Path) -> None:
     assert outcome.output == f"ok: {example} is a valid {kind} config (input not checked)\n"
 
 
+@pytest.fixture
+def own_s3fs_instances():
+    """fsspec caches filesystems by their arguments, not the environment: a test that points S3 at
+    another endpoint must not leave its instance for a later test that reaches the same bucket."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_validates_in_a_fresh_checkout_with_a_warning_for_what_is_not_there(
     example: Path, tmp_path, monkeypatch
