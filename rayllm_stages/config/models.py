@@ -39,6 +39,12 @@ class SamplingParams(StrictModel):
             raise ValueError("top_k must be -1 (off) or at least 1")
         return value
 
+    @model_validator(mode="after")
+    def _min_tokens_fit(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
+
 
 class PromptTemplate(StrictModel):
     """Chat prompt for table inputs: sandboxed Jinja2 over the row's columns (`{{ text }}`)."""

@@ -260,7 +260,7 @@ def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> EngineSampl
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        return f"body.{field}: {first['msg']}"
+        return f"body.{field}: {first['msg']}" if field else f"body: {first['msg']}"
 
 
 def _table_rows(source: Location, fmt: InputFormat, config: BatchJobConfig) -> Iterator[Request | RowError]:

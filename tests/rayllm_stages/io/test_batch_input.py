@@ -43,6 +43,7 @@ MALFORMED = {
         }
     ): "unsupported_content",
     openai_line("t", "hot", temperature=9): "invalid_sampling",
+    openai_line("mt", "x", min_tokens=4, max_tokens=1): "invalid_sampling",  # found by the property tests
     openai_line("s", "x", stream=True): "unsupported_field",
     openai_line("f", "x", tools=[]): "unsupported_field",
 }
@@ -61,8 +62,9 @@ def test_every_malformed_line_becomes_one_named_error(tmp_path):
         assert f"line {row.index + 1}" in row.message
     duplicate = next(r for r in rows if isinstance(r, RowError) and r.code == "duplicate_custom_id")
     assert "already used on line 1" in duplicate.message
-    sampling = next(r for r in rows if isinstance(r, RowError) and r.code == "invalid_sampling")
-    assert "body.temperature" in sampling.message
+    sampling = [r for r in rows if isinstance(r, RowError) and r.code == "invalid_sampling"]
+    assert "body.temperature" in sampling[0].message
+    assert "body: Value error, min_tokens (4) must not exceed max_tokens (1)" in sampling[1].message
 
 
 def test_body_sampling_overrides_defaults(tmp_path):
