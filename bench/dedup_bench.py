@@ -73,11 +73,14 @@ def main() -> None:
         start = time.perf_counter()
         result = dedup_columns(uris, shas, phashes, max_distance=6)
         ours = time.perf_counter() - start
-        assert len(result.kept) == expected_kept and len(result.dropped) == size - expected_kept, "not every duplicate found"
+        # Every planted duplicate is dropped; at a million, a few distinct random hashes also fall
+        # within 6 bits of each other by chance (about 2 pairs expected), so allow those.
+        chance = expected_kept - len(result.kept)
+        assert 0 <= chance <= max(3, size // 200_000), f"{chance} duplicates missed or too many found"
         scan = None
         if size <= args.scan_up_to:
             start = time.perf_counter()
-            assert vectorised_scan(uris, shas, phashes) == expected_kept
+            assert vectorised_scan(uris, shas, phashes) == len(result.kept)
             scan = time.perf_counter() - start
         rows.append({"records": size, "ours_s": round(ours, 2), "scan_s": None if scan is None else round(scan, 2)})
         ratio = f"{scan / ours:.1f}x faster" if scan else "scan not run"
