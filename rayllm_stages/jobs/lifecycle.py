@@ -191,12 +191,11 @@ class ResumableJob:
         """
         input_format = self.check_input()
         job = self.check_resume(overwrite)
-        fingerprint = self.fingerprint()
         if overwrite or job is None:
             self.clear()
             job = {
                 "kind": self.kind,
-                "fingerprint": fingerprint,
+                "fingerprint": self.fingerprint(),
                 "input_format": input_format,
                 "total_rows": self.count_rows(input_format),
                 "created_at": time.time(),
