@@ -116,6 +116,9 @@ def prefect_api(port: int = DEFAULT_PORT) -> Iterator[str]:
             server.start()
             signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ["PREFECT_API_URL"] = url
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()  # threads without a settings context of their own read this one
     try:
         yield url
     finally:

@@ -5,8 +5,11 @@ The run is named after the batch and tagged with its id (find it in the UI by ei
 pool's worker, or the `rayllm api` process itself (serving the deployment), runs it; Prefect
 retries it; the batch flow resumes from its committed rows on every new attempt.
 
-A run whose process died without a word (its machine, or the `rayllm api` that served it, was
-killed) stays Running for ever in Prefect. The API puts it back (AwaitingRetry) when it can tell:
+A run whose process was killed (its machine went away, or the `rayllm api` that served it was
+stopped) is Crashed when the process could still say so on its way out (SIGTERM), and otherwise stays
+Running (or Pending) for ever in Prefect. Prefect retries neither. The API puts such a run back in
+the queue (AwaitingRetry), up to `max_resumes` times: a Crashed one at once (`service.py`), a silent
+one when it can tell that its process is gone (`orphaned`):
     served by this process     the run's state is older than this process and no process on this
                                machine runs it (`PREFECT__FLOW_RUN_ID` in its environment)
     run by a worker            it sent heartbeats (Prefect's flow runs do, every 180 s by default)
@@ -16,6 +19,7 @@ killed) stays Running for ever in Prefect. The API puts it back (AwaitingRetry) 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ FINALIZE_TASK = "finalize-batch"
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"
 TAG = "openai-batch"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @contextmanager
@@ -68,6 +73,14 @@ def orphaned(run: SeenRun, *, now: float, serving_since: float | None, alive_her
     if view.state != "RUNNING" or run.last_heartbeat is None:
         return False  # no heartbeat seen: nothing to tell a silent run from a dead one
     return now - max(run.last_heartbeat, view.state_at) > stale_after_s
+
+
+def short_message(message: str | None, limit: int = 500) -> str | None:
+    """A state's message as a batch error shows it: its first line, plain (the Prefect UI has the rest)."""
+    if not message:
+        return message
+    first = " ".join(ANSI.sub("", message).strip().splitlines()[0].split())
+    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 def flow_runs_alive_here() -> set[str]:
@@ -144,7 +157,7 @@ class BatchRuns:
             view = RunView(
                 state=state_type,
                 state_at=state.timestamp.timestamp() if state else time.time(),
-                message=state.message if state else None,
+                message=short_message(state.message) if state else None,
                 started_at=run.start_time.timestamp() if run.start_time else None,
                 ended_at=run.end_time.timestamp() if run.end_time and state_type in FINAL_STATES else None,
                 finalizing_at=finalizing_at,

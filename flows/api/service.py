@@ -239,7 +239,7 @@ class BatchService:
                 self.runs.cancel(record.flow_run_id, f"the batch's completion window ({record.completion_window}) ran out")
                 logger.info("batch %s expired", record.id)
                 seen = self.runs.seen(record.flow_run_id) or seen
-            elif sweeping and self.runs.is_orphaned(seen, alive_here, record.flow_run_id):
+            elif self._crashed(record, view) or (sweeping and self.runs.is_orphaned(seen, alive_here, record.flow_run_id)):
                 record = self._recover(record, view)
                 seen = self.runs.seen(record.flow_run_id) or seen
             view = seen.view
@@ -248,6 +248,9 @@ class BatchService:
             return describe_batch(record, view, self._progress(record))
 
     def _progress(self, record: BatchRecord) -> Progress:
+        manifest = self.store.manifest(record)
+        if manifest is not None:  # finalizing: the parts are merged (and then removed)
+            return _manifest_progress(manifest)
         stats = self.store.committed(record)
         return Progress(
             total=record.total_requests,
@@ -257,25 +260,44 @@ class BatchService:
             tokens_out=stats.tokens_out,
         )
 
+    def _crashed(self, record: BatchRecord, view: RunView) -> bool:
+        """A run that crashed (its process was killed, or its machine went away) and may be resumed.
+
+        Crashed is Prefect's state for a run whose infrastructure failed, not the flow (that is
+        Failed): a SIGTERM'd flow process reports it on its way out. Prefect retries only Failed.
+        """
+        return (
+            view.state == "CRASHED"
+            and record.cancelling_at is None
+            and record.expired_at is None
+            and record.resumes < self.config.max_resumes
+        )
+
     def _recover(self, record: BatchRecord, view: RunView) -> BatchRecord:
+        """Queue a run whose process is gone again (it resumes from its committed rows), or end it:
+        Cancelled when it was being cancelled, Crashed when it was resumed `max_resumes` times."""
         assert record.flow_run_id is not None
-        if view.state == "CANCELLING" or record.resumes >= self.config.max_resumes:
+        stopping = view.state == "CANCELLING" or record.cancelling_at is not None or record.expired_at is not None
+        if stopping or record.resumes >= self.config.max_resumes:
+            if view.state == "CRASHED":
+                return record  # over: concluded as failed
             reason = (
                 "the process cancelling it is gone"
-                if view.state == "CANCELLING"
+                if stopping
                 else f"its process is gone and it was resumed {record.resumes} times already"
             )
-            self.runs.end(record.flow_run_id, view.state, f"rayllm api: {reason}")
+            self.runs.end(record.flow_run_id, "CANCELLING" if stopping else view.state, f"rayllm api: {reason}")
             logger.warning("batch %s: run %s ended (%s)", record.id, record.flow_run_id, reason)
             return record
         record.resumes += 1
         self.store.write_batch(record)
+        gone = "crashed" if view.state == "CRASHED" else "lost the process running it"
         self.runs.requeue(
             record.flow_run_id,
-            f"rayllm api: the process running it is gone; queued again (resume {record.resumes} of "
-            f"{self.config.max_resumes}), it resumes from its committed rows",
+            f"rayllm api: the run {gone}; queued again (resume {record.resumes} of {self.config.max_resumes}), "
+            "it resumes from its committed rows",
         )
-        logger.warning("batch %s: run %s had no process; queued again to resume", record.id, record.flow_run_id)
+        logger.warning("batch %s: run %s %s; queued again to resume", record.id, record.flow_run_id, gone)
         return record
 
     def _conclude(self, record: BatchRecord, view: RunView) -> Batch:
@@ -285,14 +307,7 @@ class BatchService:
             if manifest is None:
                 view.state, view.message = "FAILED", "the run completed but wrote no manifest.json"
                 return self._conclude(record, view)
-            counts, throughput = manifest["counts"], manifest["throughput"]
-            progress = Progress(
-                total=counts["total"],
-                completed=counts["completed"],
-                failed=counts["failed"],
-                tokens_in=throughput["tokens_in"],
-                tokens_out=throughput["tokens_out"],
-            )
+            progress = _manifest_progress(manifest)
             results, errors = (Location(manifest["outputs"][k], self.config.storage_options) for k in ("results", "errors"))
         else:  # cancelled, expired or failed: what it committed before it stopped
             results, errors, stats = self.store.write_partial_outputs(record)
@@ -373,6 +388,17 @@ class BatchService:
     def _lock(self, batch_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(batch_id, threading.Lock())
+
+
+def _manifest_progress(manifest: dict[str, Any]) -> Progress:
+    counts, throughput = manifest["counts"], manifest["throughput"]
+    return Progress(
+        total=counts["total"],
+        completed=counts["completed"],
+        failed=counts["failed"],
+        tokens_in=throughput["tokens_in"],
+        tokens_out=throughput["tokens_out"],
+    )
 
 
 def _check_metadata(metadata: Any) -> None:
