@@ -21,7 +21,7 @@ os.environ.setdefault("RAYLLM_CACHE_DIR", tempfile.mkdtemp(prefix="rayllm-test-c
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,9 +31,18 @@ REPO = Path(__file__).resolve().parents[1]
 #     RAYLLM_HYPOTHESIS_PROFILE=nightly .venv/bin/python -m pytest -p no:cacheprovider \
 #         tests/e2e/test_batch_properties.py tests/e2e/test_chain_properties.py tests/rayllm_stages/llm/
 # Each test sets its own example counts through `examples(ci=..., nightly=...)`.
+# CI does not shrink a failing example (an example is a whole job, seconds each): it reports it as found.
 HYPOTHESIS_PROFILE = os.environ.get("RAYLLM_HYPOTHESIS_PROFILE", "ci")
 _slow_ok = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
-settings.register_profile("ci", deadline=None, derandomize=True, database=None, suppress_health_check=_slow_ok, print_blob=True)
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=_slow_ok,
+    print_blob=True,
+)
 settings.register_profile("nightly", deadline=None, suppress_health_check=_slow_ok, print_blob=True)
 settings.load_profile(HYPOTHESIS_PROFILE)
 

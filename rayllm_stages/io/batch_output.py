@@ -24,6 +24,19 @@ from prefect_rayllm.rayllm_stages.llm import rows
 ROW_ID_FIELD = "_row_id"
 
 
+# Characters that JSON allows raw in a string but that many line readers (Python's str.splitlines,
+# JavaScript) take for a line break: escaped, so that every record stays on its own line.
+_LINE_BREAKS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_line(record: Any) -> str:
+    """One JSON Lines record: non-ASCII text kept readable, line-break characters escaped."""
+    line = json.dumps(record, ensure_ascii=False, default=str)
+    for char, escaped in _LINE_BREAKS.items():
+        line = line.replace(char, escaped)
+    return line
+
+
 def _stable_id(prefix: str, *parts: str) -> str:
     return prefix + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
@@ -87,7 +100,7 @@ class OpenAIBatchFormat:
         self, key: str | None, response: dict[str, Any] | None, error: dict[str, Any] | None, index: int | None = None
     ) -> str:
         ident = _stable_id("batch_req_", self.run_key, key if key is not None else f"#line{index}")
-        return json.dumps({"id": ident, "custom_id": key, "response": response, "error": error}, ensure_ascii=False)
+        return json_line({"id": ident, "custom_id": key, "response": response, "error": error})
 
 
 class TableFormat:
@@ -105,7 +118,7 @@ class TableFormat:
             "num_generated_tokens": generated,
             ROW_ID_FIELD: row["row_key"],
         }
-        return json.dumps(record, ensure_ascii=False, default=str)
+        return json_line(record)
 
     def engine_error(self, row: Mapping[str, Any], failure: rows.RowFailure) -> tuple[str, str]:
         text = f"row {row['row_index']} ({row['row_key']}): {failure.message}"
@@ -119,4 +132,4 @@ class TableFormat:
         error: dict[str, Any] = {"code": code, "message": message}
         if raw is not None:
             error["raw"] = raw
-        return json.dumps({"row_index": index, "row_id": key, "error": error}, ensure_ascii=False)
+        return json_line({"row_index": index, "row_id": key, "error": error})

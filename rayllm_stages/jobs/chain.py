@@ -19,7 +19,7 @@ from typing import Any
 from prefect_rayllm.rayllm_stages.config.base import ConfigError
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
 from prefect_rayllm.rayllm_stages.io.batch_input import RowError, check_table_input, count_rows, keyed_table_rows, table_columns
-from prefect_rayllm.rayllm_stages.io.batch_output import ROW_ID_FIELD, TableFormat
+from prefect_rayllm.rayllm_stages.io.batch_output import ROW_ID_FIELD, TableFormat, json_line
 from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.rayllm_stages.jobs.lifecycle import InputRow, LLMJob, _to_arrow, rows_per_block
 from prefect_rayllm.rayllm_stages.jobs.run_log import PartWriter, RunLog, read_part
@@ -61,7 +61,7 @@ class ChainFormat(TableFormat):
         record = json.loads(row["row_json"])
         record["_usage"] = json.loads(row.get("usage_json") or "{}")
         record[ROW_ID_FIELD] = row["row_key"]
-        return json.dumps(record, ensure_ascii=False, default=str)
+        return json_line(record)
 
     def engine_error(self, row: dict[str, Any], failure: RowFailure) -> tuple[str, str]:
         message = f"row {row['row_index']} ({row['row_key']}): step {failure.step}: {failure.message}"
@@ -71,7 +71,7 @@ class ChainFormat(TableFormat):
             "failed_step": failure.step,
             "error": {"code": failure.code, "message": message},
         }
-        return json.dumps(line, ensure_ascii=False), failure.code
+        return json_line(line), failure.code
 
 
 class ChainJob(LLMJob):

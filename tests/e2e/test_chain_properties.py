@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import examples
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies import ids, long_text, short_text
 
@@ -105,8 +105,19 @@ def run_chain(config: ChainJobConfig, block_rows: int) -> None:
     job.finalize()
 
 
+# Found and fixed; kept as a regression: a column holding U+0085 (or U+2028) was written raw, and
+# a line reader that honours those breaks (str.splitlines) cut the result line in two.
+LINE_BREAK_IN_A_COLUMN = (
+    2,
+    [json.dumps({"cid": "nel", "a": "Is blue warm or cool?\u0085", "b": "\u2028"}, ensure_ascii=False)],
+    {},
+    1,
+)
+
+
 @settings(max_examples=examples(ci=3, nightly=100))
 @given(chains())
+@example(LINE_BREAK_IN_A_COLUMN)
 def test_generated_chains(shared_serve_engine, chain):
     steps, lines, expected, block_rows = chain
     folder = Path(tempfile.mkdtemp(prefix="rayllm-prop-"))
