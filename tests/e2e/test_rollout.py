@@ -421,7 +421,7 @@ def test_an_unmeasurable_gate_stops_the_rollout_as_inconclusive(endpoint, tiny_m
     assert [s.error for s in load.samples if not s.ok] == [] and {s.version for s in load.samples} == {current}
 
     tables = [str(a.data) for a in artifacts_with_key(artifact_key("rollout", "colours"))]
-    stopped = [data for data in tables if "could not be measured" in data]
+    stopped = [data for data in tables if "the evaluation failed 3 times" in data]
     assert stopped and "\x1b" not in stopped[-1] and "Traceback" not in stopped[-1]  # plain text
     event = wait_for_event("rayllm.rollout.inconclusive", "rayllm.endpoint.colours", since=began)
     assert event.payload["serving"] == current and event.payload["outcome"] == "inconclusive"
