@@ -87,10 +87,13 @@ def examples_workdir(tmp_path: Path, tiny_models, tiny_vlm, local_s3, monkeypatc
         "AWS_SECRET_ACCESS_KEY": "testing",
     }.items():
         monkeypatch.setenv(name, value)
-    yield tmp_path
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()  # the instances made with the environment's endpoint
+    # fsspec caches filesystems by their arguments, not the environment: an instance made earlier
+    # in this process under another environment must not answer for this one, nor ours for later.
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield tmp_path
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_every_example_validates_with_its_input(examples_workdir: Path) -> None:
