@@ -342,7 +342,10 @@ def test_proxy_stall_holds_matching_gets_until_released(local_s3, corpus):
         got: list[bytes] = []
         reader = threading.Thread(target=lambda: got.append(fs.cat_file(key)), daemon=True)
         reader.start()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30  # the GET reaches the proxy within a second when the machine is quiet
+        while proxy.stats.stalled < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # held, not merely late
         assert not got and proxy.stats.stalled == 1
         assert fs.ls("curation/corpus/images")  # listings and other keys pass
         proxy.release()
