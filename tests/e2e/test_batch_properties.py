@@ -151,7 +151,7 @@ MIN_TOKENS_ABOVE_MAX = InputFile(
 )
 
 
-@settings(max_examples=examples(ci=8, nightly=300))
+@settings(max_examples=examples(ci=5, nightly=300))
 @given(openai_batch_files())
 @example(TOP_K_BLOCK)
 @example(MIN_TOKENS_ABOVE_MAX)
@@ -210,7 +210,7 @@ def tables(draw) -> tuple[list[str], dict[int, str], int]:
     return lines, expected, draw(st.integers(1, 4))
 
 
-@settings(max_examples=examples(ci=4, nightly=150))
+@settings(max_examples=examples(ci=3, nightly=150))
 @given(tables())
 def test_generated_tables(shared_serve_engine, table):
     lines, expected, block_rows = table

@@ -115,7 +115,7 @@ LINE_BREAK_IN_A_COLUMN = (
 )
 
 
-@settings(max_examples=examples(ci=3, nightly=100))
+@settings(max_examples=examples(ci=2, nightly=100))
 @given(chains())
 @example(LINE_BREAK_IN_A_COLUMN)
 def test_generated_chains(shared_serve_engine, chain):
