@@ -50,6 +50,7 @@ def run_api(
     from prefect_rayllm.rayllm_stages.runtime import supervision
 
     supervision.supervise()  # first: it also stops what a killed predecessor left running
+    key = None if config.api_key_secret else resolve_bearer_key(config)  # an unset variable fails before anything starts
     prefect_file = prefect_file or PREFECT_FILE
     specs = []
     if serve:
@@ -58,7 +59,7 @@ def run_api(
         except ValueError as exc:
             raise ConfigError(f"deployment: {exc}") from None
         serving_environment(prefect_file, specs)
-    elif not os.environ.get("PREFECT_API_URL"):
+    elif not (os.environ.get("PREFECT_API_URL") or _profile_api_url()):
         raise ConfigError(
             "--no-serve: set PREFECT_API_URL to the Prefect API whose workers run the batch deployment "
             "(or leave out --no-serve to run the batches in this process)"
@@ -67,12 +68,18 @@ def run_api(
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: url}):
-            key = resolve_bearer_key(config)
+            key = key or resolve_bearer_key(config)
             serving_since = None
             if serve:
                 serving_since = time.time()  # every state this process's runner sets is later
                 start_runner(to_runner_deployment(specs[0]), limit)
             _serve_http(config, key, host, port, serving_since, url)
+
+
+def _profile_api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
 def start_runner(deployment, limit: int | None, timeout_s: float = 300.0) -> threading.Thread:

@@ -150,3 +150,21 @@ def test_job_config_names_the_model_and_holds_no_key(tmp_path, monkeypatch):
     assert (job.input, job.output, job.input_format) == (source.url, record.output_url, "openai_batch")
     assert job.max_error_rate == 1.0 and job.sampling.max_tokens == 128 and job.commit_every_rows == 50
     assert KEY not in json.dumps(parameters)
+
+
+def test_the_deployable_app_reads_its_config_and_key_from_the_environment(tmp_path, monkeypatch):
+    from prefect_rayllm.flows.api.app import app_from_env
+    from prefect_rayllm.rayllm_stages.config.base import ConfigError
+
+    config = tmp_path / "api.yaml"
+    config.write_text(f"storage: {tmp_path / 'store'}\nmodels:\n  tiny: {{source: ./tiny}}\napi_key_env: MY_BATCH_KEY\n")
+    monkeypatch.setenv("RAYLLM_API_CONFIG", str(config))
+    monkeypatch.delenv("MY_BATCH_KEY", raising=False)
+    with pytest.raises(ConfigError, match="MY_BATCH_KEY is not set"):
+        app_from_env()
+    monkeypatch.setenv("MY_BATCH_KEY", KEY)
+    with TestClient(app_from_env()) as http:
+        assert http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"] == "tiny"
+    config.write_text("models: {}\nstorag: x\n")
+    with pytest.raises(ConfigError, match="storag: unknown key"):
+        app_from_env()
