@@ -276,7 +276,7 @@ def _passed_by(failure: RowFailure) -> dict[str, Any]:
     `_backfill_missing_fields` on a null-typed column). Without them the failed row holds only
     contract columns, which every row has with the same types.
     """
-    return {ERROR_COLUMN: failure.column(), RAY_ERROR_COLUMN: failure.message or failure.code}
+    return {ERROR_COLUMN: failure.column(), RAY_ERROR_COLUMN: failure.message or failure.code, "http_status": 0}
 
 
 def _runs(columns: dict[str, Any]) -> dict[str, Any]:

@@ -149,8 +149,8 @@ def conform(batch: pa.Table, step: str) -> pa.Table:
         ray_error = row.get(RAY_ERROR_COLUMN) or ""
         if ray_error and failure_of(row) is None:
             row = {**_failed_columns(row), ERROR_COLUMN: RowFailure.from_engine(str(ray_error), step).column()}
-        elif failure_of(row) is not None:
-            row = {**_failed_columns(row), ERROR_COLUMN: row[ERROR_COLUMN]}
+        elif failure_of(row) is not None:  # ours: keeps the HTTP status of the reply that failed it
+            row = {**_failed_columns(row), ERROR_COLUMN: row[ERROR_COLUMN], "http_status": row.get("http_status") or 0}
         rows.append(row)
     return rows_table(rows)
 

@@ -89,9 +89,9 @@ def test_a_row_failed_upstream_or_here_is_passed_by_with_its_error_only():
     )
     assert upstream[ERROR_COLUMN] == {"code": "decode_error", "message": "bad", "step": "decode"} and upstream[RAY_ERROR_COLUMN]
     for failed in (refused, upstream):  # no request columns: Ray's stages pass the row by
-        assert set(failed) == {ERROR_COLUMN, RAY_ERROR_COLUMN}
+        assert set(failed) == {ERROR_COLUMN, RAY_ERROR_COLUMN, "http_status"}
     for preprocess in (_http_preprocess, _serve_preprocess):
-        assert set(preprocess(_row(x=None), model_name="tiny", step=step)) == {ERROR_COLUMN, RAY_ERROR_COLUMN}
+        assert set(preprocess(_row(x=None), model_name="tiny", step=step)) == {ERROR_COLUMN, RAY_ERROR_COLUMN, "http_status"}
 
 
 def test_http_and_serve_bodies_travel_as_json_text():

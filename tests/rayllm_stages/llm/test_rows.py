@@ -83,8 +83,9 @@ def test_conform_folds_rays_error_rows_into_the_one_error_column():
         "tokenized_prompt": [1, 2],
         RAY_ERROR_COLUMN: "ValueError: The decoder prompt (length 300) is longer than the maximum model length of 256.",
     }
-    other = {**good_row(3, EngineSampling()), RAY_ERROR_COLUMN: "RuntimeError: engine died"}
-    table = pa.Table.from_pylist([good, ours, rays, other])
+    other = {**good_row(3, EngineSampling()), RAY_ERROR_COLUMN: "RuntimeError: engine died", "http_status": 200}
+    refused = {**failed_row(4), "http_status": 401, RAY_ERROR_COLUMN: ""}  # an HTTP reply that failed the row
+    table = pa.Table.from_pylist([good, ours, rays, other, refused])
     out = conform(table, step="answer")
     assert out.schema == ROW_SCHEMA
     rows = out.to_pylist()
@@ -92,6 +93,8 @@ def test_conform_folds_rays_error_rows_into_the_one_error_column():
     assert failure_of(rows[1]) == RowFailure(code="prompt_too_long", message="prompt is 900 tokens ...", step="batch")
     assert failure_of(rows[2]).code == "prompt_too_long" and failure_of(rows[2]).step == "answer"
     assert failure_of(rows[3]).code == "engine_error" and "engine died" in failure_of(rows[3]).message
+    assert rows[3]["http_status"] == 0  # not the earlier step's reply
+    assert failure_of(rows[4]) is not None and rows[4]["http_status"] == 401
 
 
 # -- what reaches vLLM, through Ray Data's own block conversion -----------------------------------
