@@ -243,6 +243,12 @@ class BatchService:
                 record = self._recover(record, view)
                 seen = self.runs.seen(record.flow_run_id) or seen
             view = seen.view
+            if view.state == "CRASHED" and (record.cancelling_at is not None or record.expired_at is not None):
+                # Stopping the process made it report Crashed first: it was cancelled, and Prefect says so too.
+                why = "its completion window ran out" if record.expired_at is not None else "cancelled through the Batch API"
+                self.runs.end(record.flow_run_id, "CANCELLING", f"rayllm api: {why}")
+                seen = self.runs.seen(record.flow_run_id) or seen
+                view = seen.view
             if view.state in FINAL_STATES:
                 return self._conclude(record, view)
             return describe_batch(record, view, self._progress(record))

@@ -12,7 +12,7 @@ Status, from the run's state (Prefect state types):
     SCHEDULED, PENDING (started before)     in_progress  (a retry, or a resume after a crash)
     RUNNING, PAUSED                         in_progress, or finalizing once its finalize task started
     CANCELLING, or cancel requested         cancelling
-    CANCELLED                               cancelled, or expired when the completion window ran out
+    CANCELLED (or CRASHED once cancelled)   cancelled, or expired when the completion window ran out
     COMPLETED                               completed
     FAILED, CRASHED                         failed (the state's message in `errors`)
 and `failed` without a run when the input file did not pass the checks (each bad line in `errors`).
@@ -274,6 +274,8 @@ def run_status(record: BatchRecord, run: RunView) -> BatchStatus:
         status = "finalizing"
     if status in ("validating", "in_progress", "finalizing") and record.cancelling_at is not None:
         status = "cancelling"  # asked for; the run has not reached Cancelling yet
+    if run.state == "CRASHED" and (record.cancelling_at is not None or record.expired_at is not None):
+        status = "cancelled"  # the stopped process reported the crash before its runner reported the cancel
     if status == "cancelled" and record.expired_at is not None:
         status = "expired"
     return status  # type: ignore[return-value]

@@ -95,6 +95,8 @@ def test_a_described_batch_is_read_by_the_sdk_unchanged():
         ("COMPLETED", True, True, True, False, "completed"),  # cancel came too late
         ("FAILED", True, False, False, False, "failed"),
         ("CRASHED", True, False, False, False, "failed"),
+        ("CRASHED", True, False, True, False, "cancelled"),  # the stopped process said Crashed first
+        ("CRASHED", True, False, False, True, "expired"),
     ],
 )
 def test_status_follows_the_run(state, started, finalizing, cancel_asked, expired, status):
