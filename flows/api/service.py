@@ -161,7 +161,15 @@ class BatchService:
             return describe_batch(record)
         self.store.write_batch(record)
         self.store.mark_active(batch_id)
-        self._submit(record, source)
+        try:
+            self._submit(record, source)
+        except Exception as exc:  # no run: the batch fails now, rather than start later unseen
+            message = exc.message if isinstance(exc, ApiError) else f"its flow run could not be created: {exc}"
+            record.validation_errors = [BatchError(code="run_not_created", message=message)]
+            record.failed_at = int(time.time())
+            self.store.write_batch(record)
+            self.store.unmark_active(batch_id)
+            raise
         return self.batch(batch_id)
 
     def batch(self, batch_id: str) -> Batch:
@@ -227,7 +235,9 @@ class BatchService:
                 return describe_batch(record)
             if record.flow_run_id is None:  # the process stopped between the record and the run
                 record = self._submit(record)
-            assert record.flow_run_id is not None
+                if record.flow_run_id is None:  # its input file was deleted meanwhile
+                    self.store.unmark_active(record.id)
+                    return describe_batch(record)
             seen = self.runs.seen(record.flow_run_id, with_heartbeat=sweeping)
             if seen is None:
                 return self._conclude_without_run(record)

@@ -168,3 +168,20 @@ def test_the_deployable_app_reads_its_config_and_key_from_the_environment(tmp_pa
     config.write_text("models: {}\nstorag: x\n")
     with pytest.raises(ConfigError, match="storag: unknown key"):
         app_from_env()
+
+
+def test_a_batch_fails_at_once_when_its_deployment_is_not_registered(tmp_path, prefect_server):
+    config = ApiConfig(
+        storage=str(tmp_path / "store"),
+        models={"tiny": {"source": str(tmp_path / "tiny")}},
+        deployment="batch-inference/not-registered-here",
+    )
+    with TestClient(create_app(config, KEY, sweep=False)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+        uploaded = client.files.create(file=("in.jsonl", openai_line("a", "Hi").encode()), purpose="batch")
+        with pytest.raises(openai.InternalServerError) as error:
+            client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert error.value.status_code == 503 and "rayllm deploy" in error.value.body["message"]
+        (batch,) = client.batches.list()
+        assert batch.status == "failed" and batch.errors.data[0].code == "run_not_created"
+        assert "not-registered-here" in batch.errors.data[0].message
