@@ -240,17 +240,15 @@ def _watch(owner: Owner) -> int:
         signal.sigtimedwait({signal.SIGUSR1}, _POLL_S)
     started = time.monotonic()
     stopped = stop_owned(owner)
+    _log(f"owner {owner.token} gone; stopped {len(stopped)} processes in {time.monotonic() - started:.1f} s")
+    for line in stopped:
+        _log(f"  {line}")
     # A local Ray's agents may start with an environment of their own: stop the rest of a Ray
     # session whose driver is gone by its session folder too (runtime/cluster.py's registry).
     from prefect_rayllm.rayllm_stages.runtime.cluster import reap_orphaned_local_clusters
 
     reaped = reap_orphaned_local_clusters()
-    _log(
-        f"owner {owner.token} gone; stopped {len(stopped)} processes (and {reaped} of dead drivers' local Ray) "
-        f"in {time.monotonic() - started:.1f} s"
-    )
-    for line in stopped:
-        _log(f"  {line}")
+    _log(f"and {reaped} more of dead drivers' local Ray, {time.monotonic() - started:.1f} s after the owner died")
     return 0
 
 
