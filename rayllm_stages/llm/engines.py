@@ -7,12 +7,16 @@ contract (`rows.ROW_SCHEMA`).
       --postprocess: step.record(row, reply) -> row_json, usage, generated_text, tokens-->
       --conform--> rows (ROW_SCHEMA)
 
-A row that already failed, or fails here (a prompt longer than the context, a template field that
-is null), gets no request, only its `row_error` and Ray's error column: Ray's stages pass it by
-untouched and it never reaches the engine. A reply the step cannot use (not matching its schema)
-fails the row in the postprocess. `rows.conform` then gives every row, good or failed (Ray's own
-error rows included), the declared schema, so no row can change its neighbours' types. One bad
-row never stops the batch.
+A row that already failed, or fails here (a prompt and max_tokens longer than the context, a
+template field that is null), keeps its `row_error` untouched and sends the step's placeholder
+request instead of its own: one token, of the very shape of the step's requests (the same message
+shape, a complete `EngineSampling`), so that every row of a block takes the same path through
+Ray's stages and comes out with the same columns and types. (Rows that skip Ray's stages come out
+without the columns those stages add; Ray 2.60 then fails to concatenate blocks where such a
+column is null-typed in one and a struct in the other.) A reply the step cannot use (not matching
+its schema) fails the row in the postprocess. `rows.conform` gives every row, good or failed (Ray's
+own error rows included), the declared schema. One bad row never stops the batch, nor changes its
+neighbours' types.
 
 `engine_kwargs_for` answers "which engine kwargs will vLLM get?": every default (CPU, structured
 outputs, images) is merged there, and only there.
@@ -266,22 +270,12 @@ def prepare_request(row: Mapping[str, Any], step: LLMStep, guard: PromptLengthGu
     return request
 
 
-def _passed_by(failure: RowFailure) -> dict[str, Any]:
-    """A failed row's preprocess output: its error, and Ray's error column set, so that Ray's
-    stages pass it by untouched.
-
-    It gets no request columns: Ray's stages drop or replace the request columns of the rows they
-    run (the vLLM stage pops `sampling_params`), and a failed row still holding them as a struct
-    beside rows where Ray left a null column makes Ray Data's block concatenation fail (ray 2.60:
-    `_backfill_missing_fields` on a null-typed column). Without them the failed row holds only
-    contract columns, which every row has with the same types.
-    """
-    return {ERROR_COLUMN: failure.column(), RAY_ERROR_COLUMN: failure.message or failure.code, "http_status": 0}
-
-
-def _runs(columns: dict[str, Any]) -> dict[str, Any]:
-    """A good row's preprocess output: its request columns, no error."""
-    return {**columns, ERROR_COLUMN: dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
+def _request_for(outcome: ChatRequest | RowFailure, step: LLMStep) -> tuple[ChatRequest, dict[str, Any]]:
+    """The request a row sends, and its error columns: a row that does not run keeps its error and
+    sends the step's placeholder (see the module docstring); Ray's error column stays "" for both."""
+    if isinstance(outcome, RowFailure):
+        return step.placeholder, {ERROR_COLUMN: outcome.column(), RAY_ERROR_COLUMN: "", "http_status": 0}
+    return outcome, {ERROR_COLUMN: dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
 
 
 def _guard_for(spec: ModelSpec, step: LLMStep) -> PromptLengthGuard | None:
@@ -297,7 +291,11 @@ def _guard_for(spec: ModelSpec, step: LLMStep) -> PromptLengthGuard | None:
 def step_result(
     row: Mapping[str, Any], step: LLMStep, text: str, tokens_in: int, tokens_out: int, latency: float | None, status: int
 ) -> dict[str, Any]:
-    """A good row after `step`: its reply recorded (or the step's refusal of it as the row's error)."""
+    """A row after `step`: its reply recorded (or the step's refusal of it as the row's error); a
+    row that had failed before (it sent the placeholder) comes out as it came in."""
+    carried = failure_of(row)
+    if carried is not None:
+        return failed_result(row, carried, 0)
     usage = json.loads(row.get("usage_json") or "{}")
     usage[step.name] = {"in": tokens_in, "out": tokens_out, "latency_s": latency}
     result = {
@@ -321,7 +319,8 @@ def step_result(
 
 
 def failed_result(row: Mapping[str, Any], error: RowFailure, status: int) -> dict[str, Any]:
-    """A row the engine answered with an error (an HTTP error body, a Serve refusal)."""
+    """A failed row: the engine answered with an error (an HTTP error body, a Serve refusal), or it
+    had failed before and sent the placeholder."""
     return {
         "row_index": row["row_index"],
         "row_key": row["row_key"],
@@ -355,10 +354,8 @@ def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | 
 
 
 def _vllm_preprocess(row: dict[str, Any], step: LLMStep, guard: PromptLengthGuard | None = None) -> dict[str, Any]:
-    outcome = prepare_request(row, step, guard)
-    if isinstance(outcome, RowFailure):
-        return _passed_by(outcome)
-    return _runs({"messages": outcome.messages, "sampling_params": outcome.sampling.for_vllm()})
+    request, errors = _request_for(prepare_request(row, step, guard), step)
+    return {"messages": request.messages, "sampling_params": request.sampling.for_vllm(), **errors}
 
 
 def _vllm_postprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:
@@ -414,10 +411,8 @@ def _body_json(model_name: str, request: ChatRequest) -> str:
 
 
 def _http_preprocess(row: dict[str, Any], model_name: str, step: LLMStep) -> dict[str, Any]:
-    outcome = prepare_request(row, step)
-    if isinstance(outcome, RowFailure):
-        return _passed_by(outcome)
-    return _runs({"payload": {BODY_FIELD: _body_json(model_name, outcome)}})
+    request, errors = _request_for(prepare_request(row, step), step)
+    return {"payload": {BODY_FIELD: _body_json(model_name, request)}, **errors}
 
 
 def _unwrap_body(data: Any) -> Any:
@@ -481,6 +476,9 @@ def _chat_response_result(
     row: Mapping[str, Any], step: LLMStep, response: Mapping[str, Any], status: int, latency: float | None
 ) -> dict[str, Any]:
     """The step result of an OpenAI chat completion response (or of its error body)."""
+    carried = failure_of(row)
+    if carried is not None:  # it sent the placeholder: whatever came back, its own error stands
+        return failed_result(row, carried, 0)
     choices = response.get("choices")
     if status != 200 or response.get("error") or choices is None or len(choices) == 0:
         error = response.get("error") or response.get("message") or "response has no choices"
@@ -532,12 +530,13 @@ def _error_status(error: Any) -> int:
 def _serve_preprocess(
     row: dict[str, Any], model_name: str, step: LLMStep, guard: PromptLengthGuard | None = None
 ) -> dict[str, Any]:
-    outcome = prepare_request(row, step, guard)
-    if isinstance(outcome, RowFailure):
-        return _passed_by(outcome)
-    return _runs(
-        {"method": "chat", "dtype": "ChatRequestFromJson", "request_kwargs": {BODY_FIELD: _body_json(model_name, outcome)}}
-    )
+    request, errors = _request_for(prepare_request(row, step, guard), step)
+    return {
+        "method": "chat",
+        "dtype": "ChatRequestFromJson",
+        "request_kwargs": {BODY_FIELD: _body_json(model_name, request)},
+        **errors,
+    }
 
 
 def _serve_postprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:

@@ -217,6 +217,10 @@ class EngineSampling(BaseModel):
     def with_json_schema(self, schema_json: str) -> EngineSampling:
         return self.model_copy(update={"structured_outputs": StructuredOutputs(json=schema_json)})
 
+    def placeholder(self) -> EngineSampling:
+        """The same keys and types, for one token: what a row that does not run sends (see `engines`)."""
+        return self.model_copy(update={"max_tokens": 1, "min_tokens": 0})
+
     def for_vllm(self) -> dict[str, Any]:
         """`vllm.SamplingParams` kwargs, as Ray's vLLM stage reads them from the row."""
         values = self.model_dump(by_alias=True)

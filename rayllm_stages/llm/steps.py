@@ -1,15 +1,16 @@
 """What one LLM step asks and keeps: the request it builds from a row, and what it writes back.
 
 Every step has the shape of `LLMStep`: a name, whether its requests carry images, the JSON schema
-its replies follow (or None), its sampling, and two methods over rows of the row contract
-(`rows.ROW_SCHEMA`):
+its replies follow (or None), its sampling, the placeholder request a failed row sends instead of
+its own (one token, the shape of the step's requests), and two methods over rows of the row
+contract (`rows.ROW_SCHEMA`):
 
     request(row) -> ChatRequest(messages, sampling)   or raises StepFailed (the row fails here)
     record(row, reply text) -> the row's new row_json   or raises StepFailed
 
 A step object is handed to the `ray.data.llm` processor's preprocess and postprocess (it is pickled
-to the Ray workers, so it holds plain data only). It never sees a failed row: the engine passes
-those on untouched (see `engines`).
+to the Ray workers, so it holds plain data only). It never sees a failed row: the engine sends the
+placeholder for it and passes its error on untouched (see `engines`).
 
 Example (a chain step over a table row):
     row_json '{"cid": "c1", "colour": "red"}'
@@ -47,6 +48,7 @@ class LLMStep(Protocol):
     images: bool  # requests carry images (Ray's multimodal stage parses them)
     json_schema: dict[str, Any] | None  # replies are JSON following it (structured outputs on)
     sampling: EngineSampling  # the step's own sampling (a batch row brings its own)
+    placeholder: ChatRequest  # what a row that does not run sends: one token, the shape of `request`'s
 
     def request(self, row: Mapping[str, Any]) -> ChatRequest:
         """The request for `row`; raises `StepFailed` when the row cannot be asked."""
@@ -55,6 +57,9 @@ class LLMStep(Protocol):
     def record(self, row: Mapping[str, Any], text: str) -> str:
         """`row`'s new `row_json` with the reply kept; raises `StepFailed` when the reply is unusable."""
         ...
+
+
+TEXT_PLACEHOLDER = [{"role": "user", "content": "."}]
 
 
 class StepFailed(ValueError):
@@ -72,6 +77,7 @@ class PayloadStep:
     images = False
     json_schema = None
     sampling = EngineSampling()
+    placeholder = ChatRequest(TEXT_PLACEHOLDER, EngineSampling().placeholder())
 
     def request(self, row: Mapping[str, Any]) -> ChatRequest:
         payload = json.loads(row["row_json"])
@@ -101,6 +107,7 @@ class TemplateStep:
         self.sampling = EngineSampling.coerce(sampling)
         if json_schema is not None:
             self.sampling = self.sampling.with_json_schema(json.dumps(json_schema))
+        self.placeholder = ChatRequest(TEXT_PLACEHOLDER, self.sampling.placeholder())
         self.output_column = output_column
         self.parse = parse
         self.json_schema = json_schema

@@ -9,6 +9,7 @@ fetch and decode stages produced them) and reaches the model as a data URL.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +36,18 @@ def image_data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+@functools.lru_cache(maxsize=1)
+def _placeholder_png() -> bytes:
+    """A small grey image: what a failed row's placeholder request shows the model."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 class ImageStep:
     """Caption and score one image (an `LLMStep`): the request carries the image and the prompt;
     the reply, JSON checked against `json_schema`, is written to `row_json[output_column]`.
@@ -56,16 +69,20 @@ class ImageStep:
         self.json_schema = json_schema or DEFAULT_SCORE_SCHEMA
         self.sampling = EngineSampling.coerce(sampling).with_json_schema(json.dumps(self.json_schema))
         self.output_column = output_column
+        self.placeholder = self._request(_placeholder_png(), self.sampling.placeholder())
 
     def request(self, row: Mapping[str, Any]) -> ChatRequest:
         png = row.get(IMAGE_COLUMN)
         if not png:
             raise StepFailed(f"row has no image in {IMAGE_COLUMN!r}")
+        return self._request(bytes(png), self.sampling)
+
+    def _request(self, png: bytes, sampling: EngineSampling) -> ChatRequest:
         content = [
-            {"type": "image_url", "image_url": {"url": image_data_url(bytes(png))}},
+            {"type": "image_url", "image_url": {"url": image_data_url(png)}},
             {"type": "text", "text": self.prompt},
         ]
-        return ChatRequest([{"role": "user", "content": content}], self.sampling)
+        return ChatRequest([{"role": "user", "content": content}], sampling)
 
     def record(self, row: Mapping[str, Any], text: str) -> str:
         data = json.loads(row["row_json"])

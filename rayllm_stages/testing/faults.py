@@ -40,6 +40,7 @@ class StepFaultInjector:
         self.images = step.images
         self.json_schema = step.json_schema
         self.sampling = step.sampling
+        self.placeholder = step.placeholder
 
     def request(self, row: Mapping[str, Any]) -> ChatRequest:
         counter = self.marker + ".rows"

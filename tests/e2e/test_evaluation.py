@@ -170,12 +170,6 @@ def test_records_without_an_id_field_join_by_row_number_not_by_result_order(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="KNOWN REGRESSION, open: since the row-contract commits (3cbbf53, 579fff8) this run dies in Ray's "
-    "ChatTemplateUDF block concatenation with \"TypeError: 'pyarrow.lib.DataType' object is not iterable\" "
-    "(seen by a helper at a9b1d26 under load; passes at b510a26). Not diagnosed before the session ended.",
-)
 def test_cli_trained_model_passes_the_gate_and_untrained_fails(
     tmp_path, prefect_server, ray_session, tiny_models, openai_server, monkeypatch
 ):

@@ -75,23 +75,48 @@ def _row(**data) -> dict:
     return StageRow(row_index=3, row_key="k3", row_json=json.dumps(data)).model_dump()
 
 
-def test_a_row_failed_upstream_or_here_is_passed_by_with_its_error_only():
+def test_a_failed_row_keeps_its_error_and_sends_a_request_of_the_same_shape():
     step = TemplateStep("answer", PromptTemplate(user="{{ x }}"), EngineSampling(top_k=5, seed=1), "out")
     good = _vllm_preprocess(_row(x="hi"), step)
     refused = _vllm_preprocess(_row(x=None), step)  # a template field is null
     upstream = _vllm_preprocess(
         {**_row(x="hi"), ERROR_COLUMN: RowFailure(code="decode_error", message="bad", step="decode").column()}, step
     )
-    assert good[RAY_ERROR_COLUMN] == "" and good[ERROR_COLUMN]["code"] == ""
-    assert good["sampling_params"]["top_k"] == 5 and good["messages"] == [{"role": "user", "content": "hi"}]
-    assert (
-        refused[ERROR_COLUMN]["code"] == "step_error" and refused[ERROR_COLUMN]["step"] == "answer" and refused[RAY_ERROR_COLUMN]
-    )
-    assert upstream[ERROR_COLUMN] == {"code": "decode_error", "message": "bad", "step": "decode"} and upstream[RAY_ERROR_COLUMN]
-    for failed in (refused, upstream):  # no request columns: Ray's stages pass the row by
-        assert set(failed) == {ERROR_COLUMN, RAY_ERROR_COLUMN, "http_status"}
+    assert good[ERROR_COLUMN]["code"] == "" and good["sampling_params"]["top_k"] == 5
+    assert good["messages"] == [{"role": "user", "content": "hi"}]
+    assert refused[ERROR_COLUMN]["code"] == "step_error" and refused[ERROR_COLUMN]["step"] == "answer"
+    assert upstream[ERROR_COLUMN] == {"code": "decode_error", "message": "bad", "step": "decode"}
+    for failed in (refused, upstream):
+        assert failed[RAY_ERROR_COLUMN] == good[RAY_ERROR_COLUMN] == ""  # every row takes the same path
+        assert failed["messages"] == step.placeholder.messages and failed["sampling_params"]["max_tokens"] == 1
+        assert set(failed) - {"http_status"} == set(good)
+        assert {k: type(v) for k, v in failed["sampling_params"].items()} == {
+            k: type(v) for k, v in good["sampling_params"].items()
+        }
     for preprocess in (_http_preprocess, _serve_preprocess):
-        assert set(preprocess(_row(x=None), model_name="tiny", step=step)) == {ERROR_COLUMN, RAY_ERROR_COLUMN, "http_status"}
+        failed, ok = (
+            preprocess(_row(x=None), model_name="tiny", step=step),
+            preprocess(_row(x="hi"), model_name="tiny", step=step),
+        )
+        assert set(failed) - {"http_status"} == set(ok) and failed[ERROR_COLUMN]["code"] == "step_error"
+
+
+def test_a_failed_row_comes_out_of_the_postprocess_as_it_came_in():
+    from prefect_rayllm.rayllm_stages.llm.engines import _vllm_postprocess
+
+    step = TemplateStep("answer", PromptTemplate(user="{{ x }}"), EngineSampling(), "out")
+    failure = RowFailure(code="prompt_too_long", message="too long", step="answer")
+    # The placeholder's reply comes back like any other; the row's own error stands.
+    row = {
+        **_row(x="hi"),
+        ERROR_COLUMN: failure.column(),
+        "generated_text": "x",
+        "num_input_tokens": 2,
+        "num_generated_tokens": 1,
+    }
+    out = _vllm_postprocess(row, step)
+    assert out[ERROR_COLUMN] == failure.column() and out["generated_text"] == "" and out["num_input_tokens"] == 0
+    assert out["row_json"] == row["row_json"] and out["usage_json"] == row["usage_json"]
 
 
 def test_http_and_serve_bodies_travel_as_json_text():

@@ -121,7 +121,8 @@ config_sampling = st.builds(
 def test_every_good_row_reaches_vllm_with_its_own_sampling(samplings):
     """Rows of one block, good (with these sampling params) or failed (None), through our
     preprocess and Ray Data's block building and numpy conversion, as Ray's vLLM stage receives
-    them: every good row builds a `vllm.SamplingParams` with its own values and types."""
+    them: every row builds a `vllm.SamplingParams`, a good one with its own values and types, a
+    failed one the placeholder's (one token)."""
     import vllm
     from ray.data._internal.arrow_block import ArrowBlockAccessor
     from ray.data.block import BlockAccessor
@@ -135,13 +136,13 @@ def test_every_good_row_reaches_vllm_with_its_own_sampling(samplings):
     block = builder.build()
     received = ArrowBlockAccessor(block).to_numpy()["__data"]
     for sampling, data in zip(samplings, received, strict=True):
-        if sampling is None:
-            assert data[RAY_ERROR_COLUMN]  # Ray's stages pass it by
-            continue
-        assert data[RAY_ERROR_COLUMN] == ""
+        assert data[RAY_ERROR_COLUMN] == ""  # every row takes the same path; a failed one sends the placeholder
         params = maybe_convert_ndarray_to_list(dict(data["sampling_params"]))
-        structured = params.pop("structured_outputs")
-        assert structured is None
-        built = vllm.SamplingParams(**params)
-        assert built.max_tokens == sampling.max_tokens and built.seed == (None if sampling.seed == -1 else sampling.seed)
+        assert params.pop("structured_outputs") is None
         assert type(params["top_k"]) is int and type(params["seed"]) is int and type(params["max_tokens"]) is int
+        built = vllm.SamplingParams(**params)
+        if sampling is None:
+            assert built.max_tokens == 1 and failure_of(data) is not None
+            continue
+        assert built.max_tokens == sampling.max_tokens and built.seed == (None if sampling.seed == -1 else sampling.seed)
+        assert failure_of(data) is None
