@@ -63,6 +63,28 @@ def openai_line(custom_id: str, content, max_tokens: int = 8, **body) -> str:
     )
 
 
+CONSOLE_ENV = (
+    "RAYLLM_LOG_FORMAT",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER",
+    "RAY_LOGGER_LEVEL",
+)
+
+
+@pytest.fixture(autouse=True)
+def _console_env_restored():
+    """An in-process `rayllm` command sets its console format in this process's environment; put
+    it back after each test, or every later subprocess inherits it (a `--log-format text` child
+    then printed no INFO lines)."""
+    before = {name: os.environ.get(name) for name in CONSOLE_ENV}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One real Prefect server (the test harness) for the whole session; yields its API URL."""
