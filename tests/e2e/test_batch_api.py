@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from prefect_rayllm.deployments.server import free_port
 from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK
+from prefect_rayllm.tasks.reporting import artifact_key
 
 BIN = Path(sys.executable).parent
 KEY = f"sk-rayllm-e2e-{uuid.uuid4().hex}"
@@ -159,7 +160,14 @@ def _comparable(record: dict) -> dict:
 @pytest.mark.slow
 def test_openai_client_batch_end_to_end_through_a_restart(batch_api, tmp_path, request):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     timings: dict[str, float] = {}
     started = time.time()
@@ -246,12 +254,18 @@ def test_openai_client_batch_end_to_end_through_a_restart(batch_api, tmp_path, r
     assert _comparable(api_errors["too-long"]) == _comparable(direct_errors["too-long"])
     assert api_errors["too-long"]["error"]["code"] == "prompt_too_long"
 
-    # The key is in no flow parameter, log line or API log.
+    # In the Prefect UI: the run, completed, with the batch job's artifacts; the key in no flow
+    # parameter, artifact, log line or API log.
     with get_client(sync_client=True) as prefect:
         run = prefect.read_flow_run(run.id)
         logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     assert run.state.is_completed() and run.run_count >= 2
-    assert KEY not in json.dumps(run.parameters) + "\n".join(log.message for log in logs)
+    output = f"{batch_api.storage}/batches/{batch.id}/"
+    expected = {artifact_key("batch-summary", output), artifact_key("batch-report", output)}
+    assert expected <= {a.key for a in artifacts}, [a.key for a in artifacts]
+    shown = json.dumps(run.parameters) + "\n".join(log.message for log in logs)
+    assert KEY not in shown + "\n".join(json.dumps(a.data, default=str) for a in artifacts)
     assert KEY not in batch_api.tail(chars=10**9)
     print(f"\ntimings (s): { {k: round(v, 1) for k, v in timings.items()} }")
 
@@ -270,7 +284,13 @@ def test_cancel_mid_run(batch_api, tmp_path):
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
     cancelled = _wait(client, batch.id, lambda b: b.status == "cancelled", 600, batch_api)
     assert cancelled.cancelled_at and cancelled.completed_at is None
-    assert cancelled.request_counts.completed + cancelled.request_counts.failed <= ROWS + 1
+    counts = cancelled.request_counts
+    assert counts.total == ROWS + 1 and counts.completed + counts.failed <= ROWS + 1
+    if counts.completed:  # the requests finished before the cancel are kept, as OpenAI keeps them
+        kept = client.files.content(cancelled.output_file_id).text.splitlines()
+        assert len(kept) == counts.completed and all(json.loads(line)["response"]["status_code"] == 200 for line in kept)
+    else:
+        assert cancelled.output_file_id is None
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(batch.id)
     with get_client(sync_client=True) as prefect:
