@@ -12,7 +12,10 @@ On GPUs (`size_vllm_options`), unless the user set them:
 - the engine gets vLLM's own offline defaults for the card (`max_num_seqs`, `max_num_batched_tokens`,
   what `vllm.LLM` would pick: 1024 / 16384 on H100/H200-class cards). Ray's engine wrapper passes no
   usage context to vLLM, which then falls back to 128 / 2048;
-- `batch_size` and `max_concurrent_batches` hold twice the engine's concurrency in flight;
+- `batch_size` and `max_concurrent_batches` hold twice the engine's concurrency in flight, and
+  Ray's engine wrapper lets them all into vLLM (`max_pending_requests`; Ray's default, 1.1 x
+  max_num_seqs, left vLLM a queue of about a tenth of a wave: when a wave of equal-length requests
+  finished together, the engine ran nearly empty until the next rows were admitted);
 - the chat-template, tokenize and detokenize stages may grow to a few actors each.
 On CPUs nothing changes. `describe_plan` says what was chosen and why.
 
@@ -376,9 +379,13 @@ def size_vllm_options(
     )
     options["batch_size"] = plan.batch_size
     options["max_concurrent_batches"] = plan.max_concurrent_batches
+    if "max_pending_requests" not in user_keys:
+        options["max_pending_requests"] = plan.rows_in_flight
     for stage in ("chat_template_stage", "tokenize_stage", "detokenize_stage"):
         config = options.get(stage)
-        if stage not in user_keys and isinstance(config, dict) and "concurrency" not in config:
+        if not isinstance(config, dict) or not config.get("enabled", True):
+            continue
+        if stage not in user_keys and "concurrency" not in config:
             options[stage] = {**config, "concurrency": GPU_STAGE_CONCURRENCY}
     description = {
         "accelerator": accelerator.name if accelerator else None,
@@ -389,6 +396,7 @@ def size_vllm_options(
         "batch_size": plan.batch_size,
         "max_concurrent_batches": plan.max_concurrent_batches,
         "rows_in_flight": plan.rows_in_flight,
+        "max_pending_requests": options.get("max_pending_requests"),
         "notes": list(plan.notes),
     }
     logger.info("engine sizing: %s", description)

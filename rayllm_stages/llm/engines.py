@@ -3,7 +3,8 @@ OpenAI-compatible HTTP endpoint, each running one step (`steps.LLMStep`) over ro
 contract (`rows.ROW_SCHEMA`).
 
     rows (ROW_SCHEMA) --preprocess: step.request(row) -> the engine's request columns-->
-      Ray's stages (chat template, tokenize, vLLM, detokenize; or the Serve or HTTP call)
+      Ray's stages (vLLM: the prompt rendered to token ids in the preprocess, or for images Ray's
+      multimodal and chat-template stages; or the Serve or HTTP call)
       --postprocess: step.record(row, reply) -> row_json, usage, generated_text, tokens-->
       --conform--> rows (ROW_SCHEMA)
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -168,24 +170,33 @@ def processor_sizing(spec: ModelSpec, engine_kwargs: dict[str, Any], gpu: bool) 
 
 
 def vllm_processor_config(
-    spec: ModelSpec, gpu: bool, structured_outputs: bool = False, cpu_cores: str | None = None, images: bool = False
+    spec: ModelSpec,
+    gpu: bool,
+    structured_outputs: bool = False,
+    cpu_cores: str | None = None,
+    images: bool = False,
+    rendered_prompts: bool = False,
 ):
     """The `vLLMEngineProcessorConfig` for `spec` (CPU placement chosen when there is no GPU).
 
     `images`: rows carry images in their messages (Ray's multimodal stage parses them).
+    `rendered_prompts`: rows carry their prompt's token ids (`PromptRenderer`): Ray's chat-template
+    and tokenize stages are off. Ray's detokenize stage is always off: vLLM returns the text itself
+    (Ray's stage only decoded it a second time, in more actors).
     """
     from ray.data.llm import vLLMEngineProcessorConfig
 
     engine_kwargs = engine_kwargs_for(spec, gpu=gpu, structured_outputs=structured_outputs, images=images)
+    ray_stage = {"enabled": False} if rendered_prompts else dict(LIGHT_STAGE)
     options: dict[str, Any] = dict(
         model_source=spec.source,
         engine_kwargs=engine_kwargs,
         accelerator_type=spec.accelerator_type,
         placement_group_config=placement_for(spec, gpu=gpu),
         should_continue_on_error=True,
-        chat_template_stage=dict(LIGHT_STAGE),
-        tokenize_stage=dict(LIGHT_STAGE),
-        detokenize_stage=dict(LIGHT_STAGE),
+        chat_template_stage=dict(ray_stage),
+        tokenize_stage=dict(ray_stage),
+        detokenize_stage={"enabled": False},
         **processor_sizing(spec, engine_kwargs, gpu),
     )
     if images:
@@ -202,7 +213,7 @@ def vllm_processor_config(
     return vLLMEngineProcessorConfig(**with_engine_hook(options))
 
 
-def _processor(config: Any, preprocess: Any, postprocess: Any):
+def _processor(config: Any, preprocess: Any, postprocess: Any, preprocess_map_kwargs: dict[str, Any] | None = None):
     """A `ray.data.llm` processor with our light pre/post maps (see LIGHT_MAP_KWARGS)."""
     from ray.data.llm import build_processor
 
@@ -210,7 +221,7 @@ def _processor(config: Any, preprocess: Any, postprocess: Any):
         config,
         preprocess=preprocess,
         postprocess=postprocess,
-        preprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
+        preprocess_map_kwargs=preprocess_map_kwargs or dict(LIGHT_MAP_KWARGS),
         postprocess_map_kwargs=dict(LIGHT_MAP_KWARGS),
     )
 
@@ -218,23 +229,42 @@ def _processor(config: Any, preprocess: Any, postprocess: Any):
 # -- the request: one path for every engine ---------------------------------------------------------
 
 
-class PromptLengthGuard:
-    """Refuses, before any engine sees it, a request whose prompt and `max_tokens` do not fit the
-    model's context (as OpenAI's API and vLLM's server do), with code `prompt_too_long` and a
-    message naming the limit. Picklable: the tokenizer loads lazily, once per worker."""
+class PromptRenderer:
+    """A chat request as the model sees it: the chat template applied (as vLLM's chat endpoint
+    does: a generation prompt, or the final assistant message continued) and tokenized. Refuses,
+    before any engine sees it, a request whose prompt and `max_tokens` do not fit the model's
+    context (as OpenAI's API and vLLM's server do), with code `prompt_too_long` and a message
+    naming the limit. Picklable: the tokenizer loads lazily, once per worker process (Ray reuses
+    its task workers, so once per worker, not per block)."""
 
     def __init__(self, source: str, max_model_len: int | None):
         self.source = source
         self.max_model_len = max_model_len
 
-    def problem(self, request: ChatRequest) -> str | None:
+    def available(self) -> bool:
+        """Whether this process can read the model's tokenizer and context length."""
+        return _tokenizer_and_limit(self.source, self.max_model_len) is not None
+
+    def token_ids(self, request: ChatRequest) -> list[int] | None:
+        """The prompt's token ids, or None when the tokenizer cannot be read here."""
         loaded = _tokenizer_and_limit(self.source, self.max_model_len)
         if loaded is None:
             return None
-        tokenizer, limit = loaded
-        text = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokenizer, _ = loaded
+        continues = bool(request.messages) and request.messages[-1].get("role") == "assistant"
+        text = tokenizer.apply_chat_template(
+            request.messages, tokenize=False, add_generation_prompt=not continues, continue_final_message=continues
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def problem(self, request: ChatRequest, token_ids: list[int] | None = None) -> str | None:
+        """Why `request` does not fit the context, or None."""
+        loaded = _tokenizer_and_limit(self.source, self.max_model_len)
+        if loaded is None:
+            return None
+        tokens = len(token_ids if token_ids is not None else self.token_ids(request) or [])
         wanted = request.sampling.max_tokens
+        limit = loaded[1]
         if tokens + wanted <= limit:
             return None
         return f"prompt is {tokens} tokens and max_tokens is {wanted}; this model's maximum context length is {limit} tokens"
@@ -254,20 +284,30 @@ def _tokenizer_and_limit(source: str, max_model_len: int | None):
         return None
 
 
-def prepare_request(row: Mapping[str, Any], step: LLMStep, guard: PromptLengthGuard | None = None) -> ChatRequest | RowFailure:
+def prepare_request(row: Mapping[str, Any], step: LLMStep, guard: PromptRenderer | None = None) -> ChatRequest | RowFailure:
     """This step's request for `row`, or why the row does not run: the error it already carries
     (an earlier stage or step), the step's refusal, or a prompt that does not fit."""
+    return _prepare(row, step, guard)[0]
+
+
+def _prepare(
+    row: Mapping[str, Any], step: LLMStep, renderer: PromptRenderer | None
+) -> tuple[ChatRequest | RowFailure, list[int] | None]:
+    """`prepare_request`, with the prompt's token ids when `renderer` rendered them."""
     carried = failure_of(row)
     if carried is not None:
-        return carried
+        return carried, None
     try:
         request = step.request(row)
     except StepFailed as exc:
-        return RowFailure(code=exc.code, message=str(exc), step=step.name)
-    too_long = guard.problem(request) if guard is not None else None
+        return RowFailure(code=exc.code, message=str(exc), step=step.name), None
+    if renderer is None:
+        return request, None
+    token_ids = renderer.token_ids(request)
+    too_long = renderer.problem(request, token_ids)
     if too_long is not None:
-        return RowFailure(code="prompt_too_long", message=too_long, step=step.name)
-    return request
+        return RowFailure(code="prompt_too_long", message=too_long, step=step.name), None
+    return request, token_ids
 
 
 def _request_for(outcome: ChatRequest | RowFailure, step: LLMStep) -> tuple[ChatRequest, dict[str, Any]]:
@@ -278,11 +318,11 @@ def _request_for(outcome: ChatRequest | RowFailure, step: LLMStep) -> tuple[Chat
     return outcome, {ERROR_COLUMN: dict(NO_ERROR), RAY_ERROR_COLUMN: ""}
 
 
-def _guard_for(spec: ModelSpec, step: LLMStep) -> PromptLengthGuard | None:
+def _renderer_for(spec: ModelSpec, step: LLMStep) -> PromptRenderer | None:
     # A prompt's image tokens are only known after Ray's multimodal stage: no length check before it.
     if step.images:
         return None
-    return PromptLengthGuard(spec.source, spec.engine_kwargs.get("max_model_len"))
+    return PromptRenderer(spec.source, spec.engine_kwargs.get("max_model_len"))
 
 
 # -- the result: one path for every engine ----------------------------------------------------------
@@ -344,17 +384,39 @@ def engine_error_of(row: Mapping[str, Any]) -> RowFailure | None:
 # -- vLLM ----------------------------------------------------------------------------------------------
 
 
+# Preprocess tasks at once when they render prompts: each new worker process imports transformers
+# and loads the tokenizer (seconds of CPU); a few long-lived workers render thousands of rows/s.
+RENDER_CONCURRENCY = 4
+
+
 def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | None = None):
     structured = step.json_schema is not None
+    renderer = _renderer_for(spec, step)
+    rendered = renderer is not None and renderer.available()
+    config = vllm_processor_config(
+        spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores, images=step.images, rendered_prompts=rendered
+    )
+    # Ray warns when a small input has fewer blocks than RENDER_CONCURRENCY: expected, not a problem.
+    warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'Map\(_preprocess\)'")
     return _processor(
-        vllm_processor_config(spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores, images=step.images),
-        functools.partial(_vllm_preprocess, step=step, guard=_guard_for(spec, step)),
+        config,
+        functools.partial(_vllm_preprocess, step=step, guard=renderer, rendered=rendered),
         functools.partial(_vllm_postprocess, step=step),
+        preprocess_map_kwargs={**LIGHT_MAP_KWARGS, "concurrency": RENDER_CONCURRENCY} if rendered else None,
     )
 
 
-def _vllm_preprocess(row: dict[str, Any], step: LLMStep, guard: PromptLengthGuard | None = None) -> dict[str, Any]:
-    request, errors = _request_for(prepare_request(row, step, guard), step)
+def _vllm_preprocess(
+    row: dict[str, Any], step: LLMStep, guard: PromptRenderer | None = None, rendered: bool = False
+) -> dict[str, Any]:
+    """The engine's request columns: the prompt's token ids (`rendered`: Ray's chat-template and
+    tokenize stages are off) or the messages for those stages, and the sampling params."""
+    outcome, token_ids = _prepare(row, step, guard)
+    request, errors = _request_for(outcome, step)
+    if rendered:
+        if token_ids is None:  # the placeholder of a row that does not run
+            token_ids = guard.token_ids(request) if guard is not None else None
+        return {"tokenized_prompt": token_ids, "sampling_params": request.sampling.for_vllm(), **errors}
     return {"messages": request.messages, "sampling_params": request.sampling.for_vllm(), **errors}
 
 
@@ -517,7 +579,7 @@ def _serve_processor(spec: ModelSpec, step: LLMStep, served: Any):
     options.update(spec.processor_kwargs)
     return _processor(
         ServeDeploymentProcessorConfig(**options),
-        functools.partial(_serve_preprocess, model_name=served.model_id, step=step, guard=_guard_for(spec, step)),
+        functools.partial(_serve_preprocess, model_name=served.model_id, step=step, guard=_renderer_for(spec, step)),
         functools.partial(_serve_postprocess, step=step),
     )
 
@@ -527,9 +589,7 @@ def _error_status(error: Any) -> int:
     return int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else 400
 
 
-def _serve_preprocess(
-    row: dict[str, Any], model_name: str, step: LLMStep, guard: PromptLengthGuard | None = None
-) -> dict[str, Any]:
+def _serve_preprocess(row: dict[str, Any], model_name: str, step: LLMStep, guard: PromptRenderer | None = None) -> dict[str, Any]:
     request, errors = _request_for(prepare_request(row, step, guard), step)
     return {
         "method": "chat",

@@ -154,7 +154,9 @@ def test_gpu_options_get_vllms_engine_defaults_and_sized_batches(model_dir):
     }
     assert (sized["batch_size"], sized["max_concurrent_batches"]) == (128, 16)
     assert sized["tokenize_stage"] == {"num_cpus": 0.25, "concurrency": GPU_STAGE_CONCURRENCY}
-    assert plan is not None and plan["concurrency"] == 1024 and plan["kv_tokens_estimate"] > 700_000
+    # vLLM's queue holds the next wave (Ray's default lets in only 1.1 x max_num_seqs)
+    assert plan is not None and plan["concurrency"] == 1024
+    assert sized["max_pending_requests"] == plan["max_pending_requests"] == 2048 and plan["kv_tokens_estimate"] > 700_000
     assert plan["engine_defaults_added"] == {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}
 
 
@@ -171,6 +173,12 @@ def test_gpu_options_keep_what_the_user_set(model_dir):
     assert (sized["batch_size"], sized["max_concurrent_batches"]) == (64, 4)
     assert sized["tokenize_stage"] == {"concurrency": 3}
     assert plan is not None and plan["concurrency"] == 256
+
+
+def test_gpu_sizing_leaves_disabled_stages_and_the_users_pending_limit(model_dir):
+    options = {**_options(model_dir), "chat_template_stage": {"enabled": False}, "max_pending_requests": 300}
+    sized, _ = size_vllm_options(options, gpu=True, user_keys={"max_pending_requests"}, accelerator=H200)
+    assert sized["chat_template_stage"] == {"enabled": False} and sized["max_pending_requests"] == 300
 
 
 def test_default_batch_size_is_not_a_user_choice(model_dir):

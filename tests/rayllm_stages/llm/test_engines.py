@@ -8,7 +8,7 @@ import json
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec, PromptTemplate
 from prefect_rayllm.rayllm_stages.llm.engines import (
     CPU_PLACEMENT,
-    PromptLengthGuard,
+    PromptRenderer,
     _http_preprocess,
     _serve_preprocess,
     _unwrap_body,
@@ -131,7 +131,7 @@ def test_http_and_serve_bodies_travel_as_json_text():
 
 
 def test_prompt_length_guard_uses_the_openai_rule(tiny_models):
-    guard = PromptLengthGuard(str(tiny_models["good"]), 256)
+    guard = PromptRenderer(str(tiny_models["good"]), 256)
     short = [{"role": "user", "content": "Is red warm or cool?"}]
     assert guard.problem(ChatRequest(short, EngineSampling(max_tokens=8))) is None
     problem = guard.problem(ChatRequest(short, EngineSampling(max_tokens=250)))
@@ -142,6 +142,31 @@ def test_prompt_length_guard_uses_the_openai_rule(tiny_models):
         guard,
     )
     assert isinstance(outcome, RowFailure) and outcome.code == "prompt_too_long" and outcome.step == "batch"
+
+
+def test_text_rows_reach_vllm_as_token_ids_without_rays_template_and_tokenize_stages(tiny_models):
+    from transformers import AutoTokenizer
+
+    from prefect_rayllm.rayllm_stages.llm.engines import vllm_processor_config
+
+    source = str(tiny_models["good"])
+    renderer = PromptRenderer(source, 256)
+    step = TemplateStep("answer", PromptTemplate(user="{{ x }}"), EngineSampling(max_tokens=4), "out")
+    row = _vllm_preprocess(_row(x="Is red warm or cool?"), step, guard=renderer, rendered=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is red warm or cool?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert row["tokenized_prompt"] == tokenizer(text, add_special_tokens=False)["input_ids"] and "messages" not in row
+    failed = _vllm_preprocess(_row(x="word " * 400), step, guard=renderer, rendered=True)
+    assert failed[ERROR_COLUMN]["code"] == "prompt_too_long" and failed["tokenized_prompt"] == renderer.token_ids(
+        step.placeholder
+    )
+    assert set(failed) == set(row) | {"http_status"}
+    spec = ModelSpec(source=source, engine_kwargs={"max_model_len": 256})
+    config = vllm_processor_config(spec, gpu=False, rendered_prompts=True)
+    assert not config.chat_template_stage["enabled"] and not config.tokenize_stage["enabled"]
+    assert not config.detokenize_stage["enabled"]
 
 
 def test_step_failed_carries_its_code():
