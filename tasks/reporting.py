@@ -13,6 +13,7 @@ from prefect.events import emit_event
 
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.rayllm_stages.runtime.engine_stats import efficiency_line
+from prefect_rayllm.tasks.charts import line_chart_svg, svg_markdown
 
 
 def artifact_key(kind: str, location: str) -> str:
@@ -36,6 +37,9 @@ def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ("latency p50 / p90 / p99 (s)", f"{latency['p50']} / {latency['p90']} / {latency['p99']}"),
         ("wall (s)", manifest.timings.wall_s),
         ("first result after (s)", manifest.timings.first_result_s),
+        *[(f"engine: {step} first request after (s)", at) for step, at in engine_first_requests(manifest).items()],
+        ("steady rows/s (first result -> last)", steady(manifest)["rows_per_s"]),
+        ("steady output tokens/s", steady(manifest)["output_tokens_per_s"]),
         ("attempts (rows each)", ", ".join(str(int(a["rows"])) for a in manifest.attempts)),
         ("model", _model_label(manifest)),
     ]
@@ -43,6 +47,56 @@ def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
     # How full each vLLM engine was, and its decode rate against the GPU's bandwidth roofline.
     rows += [(f"engine: {step}", efficiency_line(report)) for step, report in (manifest.engine or {}).items()]
     return [{"metric": name, "value": str(value)} for name, value in rows]
+
+
+def steady(manifest: Manifest) -> dict[str, float | None]:
+    """Rows/s and output tokens/s from the first result to the last: the rate once the engine
+    runs, without its start (the whole-run figures include it)."""
+    first, wall = manifest.timings.first_result_s, manifest.timings.wall_s
+    if first is None or wall - first <= 0 or manifest.counts.completed < 2:
+        return {"rows_per_s": None, "output_tokens_per_s": None}
+    span = wall - first
+    share = (manifest.counts.completed - 1) / manifest.counts.completed  # the first result's rows arrived at `first`
+    return {
+        "rows_per_s": round((manifest.counts.completed - 1) / span, 3),
+        "output_tokens_per_s": round(manifest.throughput.tokens_out * share / span, 1),
+    }
+
+
+def engine_first_requests(manifest: Manifest) -> dict[str, float]:
+    """Per vLLM step: seconds from the job's start to the engine's first request (engine start
+    included)."""
+    return {
+        step: round(report["first_request_at"] - manifest.timings.started_at, 1)
+        for step, report in (manifest.engine or {}).items()
+        if report.get("first_request_at")
+    }
+
+
+def timeline_markdown(manifest: Manifest) -> list[str]:
+    """Start-up apart from steady throughput, and each engine's decode rate and running requests
+    over time as inline charts."""
+    rates = steady(manifest)
+    lines = ["", "## Timeline", ""]
+    for step, at in engine_first_requests(manifest).items():
+        lines.append(f"- engine `{step}`: first request {at} s after the job started (engine start included)")
+    if manifest.timings.first_result_s is not None:
+        lines.append(f"- first result: {manifest.timings.first_result_s} s after the run started")
+    if rates["rows_per_s"] is not None:
+        lines.append(
+            f"- steady (first result -> last): {rates['rows_per_s']} rows/s, {rates['output_tokens_per_s']} output tokens/s"
+        )
+    for step, report in (manifest.engine or {}).items():
+        series = report.get("series") or {}
+        if len(series.get("t_s") or []) >= 2:
+            chart = line_chart_svg(
+                series["t_s"],
+                {"decode tok/s": series.get("decode_tokens_per_s", []), "running": series.get("running", [])},
+                f"engine {step}: decode tokens/s and running requests",
+                x_label="s after its first request",
+            )
+            lines += ["", svg_markdown(f"engine {step} over time", chart)]
+    return lines
 
 
 def _model_label(manifest: Manifest) -> str:
@@ -70,10 +124,11 @@ def batch_report_markdown(manifest: Manifest) -> str:
         *[f"| {name} | `{url}` |" for name, url in manifest.outputs.items()],
         "",
         f"Input: `{manifest.input['url']}` ({manifest.input['format']}).  ",
-        f"Throughput: {manifest.throughput.rows_per_s} rows/s, "
+        f"Throughput over the whole run, start-up included: {manifest.throughput.rows_per_s} rows/s, "
         f"{manifest.throughput.output_tokens_per_s} output tokens/s over {manifest.timings.wall_s} s.",
     ]
     lines += [f"Engine ({step}): {efficiency_line(report)}.  " for step, report in (manifest.engine or {}).items()]
+    lines += timeline_markdown(manifest)
     if manifest.steps:
         lines += ["", "| step | rows | errors | tokens in | tokens out |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {s['name']} | {s['rows']} | {s['errors']} | {s['tokens_in']} | {s['tokens_out']} |" for s in manifest.steps]

@@ -174,3 +174,43 @@ def test_a_run_failing_on_its_parameters_still_emits(prefect_server):
     assert state.is_failed()
     event = wait_for_event("rayllm.batch.failed", f"rayllm.batch.{output}")
     assert "max_tokens" in event.payload["reason"]
+
+
+def test_report_separates_start_up_from_steady_throughput_and_charts_the_engine():
+    import base64
+    import re
+
+    engine = {
+        "answer": {
+            "first_request_at": 31.0,
+            "decode_tokens_per_s": 900.0,
+            "running": {"mean": 10, "max": 12, "max_num_seqs": 16},
+            "series": {"t_s": [0, 1, 2], "decode_tokens_per_s": [0, 900, 450], "running": [12, 12, 3]},
+        }
+    }
+    run = manifest(
+        failed=0,
+        total=101,
+        timings={"started_at": 1.0, "finished_at": 80.0, "wall_s": 75.0, "first_result_s": 50.0},
+        throughput={
+            "rows_per_s": 1.3,
+            "output_tokens_per_s": 13.0,
+            "tokens_in": 100,
+            "tokens_out": 1010,
+            "latency_s": percentiles([]),
+        },
+        engine=engine,
+    )
+    summary = {row["metric"]: row["value"] for row in batch_summary_rows(run)}
+    assert summary["steady rows/s (first result -> last)"] == "4.0"  # 100 rows after the first, over 25 s
+    assert summary["steady output tokens/s"] == "40.0"
+    assert summary["engine: answer first request after (s)"] == "30.0"
+    report = batch_report_markdown(run)
+    assert "first request 30.0 s after the job started" in report and "first result: 50.0 s" in report
+    svg = base64.b64decode(re.search(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", report).group(1)).decode()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "decode tok/s (max 900)" in svg
+
+
+def test_report_of_a_run_without_engine_timings_has_no_chart():
+    report = batch_report_markdown(manifest())
+    assert "## Timeline" in report and "data:image" not in report
