@@ -13,7 +13,7 @@ each in a fresh subprocess (its own Ray and vLLM engine; engine start is part of
 
 A system name takes `+key=value` overrides: engine kwargs (`vllm+max_num_seqs=1024`), or for raw and
 ours the processor's `batch_size` / `max_concurrent_batches`; `raw+hook=1` adds our engine hook
-(rayllm_stages.llm.engine_hooks: FINAL_ONLY outputs) to raw Ray Data LLM.
+(rayllm_stages.compat.engine_hooks: FINAL_ONLY outputs) to raw Ray Data LLM.
 
 For each system it prints and records: wall time (launch -> exit), time to the first result, when the
 engine took its first request, output tokens/s including start, steady-state decode tokens/s (the
@@ -170,7 +170,7 @@ def main():
         for stage in ("chat_template_stage", "tokenize_stage", "detokenize_stage"):
             options[stage] = dict(num_cpus=0.25)
     if settings.get("hook"):
-        from prefect_rayllm.rayllm_stages.llm.engine_hooks import with_engine_hook
+        from prefect_rayllm.rayllm_stages.compat.engine_hooks import with_engine_hook
 
         for stage in ("chat_template_stage", "tokenize_stage", "detokenize_stage"):
             options[stage] = options.get(stage, {})

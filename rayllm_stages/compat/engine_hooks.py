@@ -1,4 +1,4 @@
-"""A Ray worker setup hook for Ray Data LLM's vLLM stage: final outputs only, and the engine's capacity.
+"""A Ray worker setup hook that patches Ray Data LLM's private vLLM stage: final outputs only, the engine's capacity.
 
 Ray's vLLM stage (ray 2.60) builds `vllm.SamplingParams` with vLLM's default output kind,
 CUMULATIVE: the engine's front end then builds a `RequestOutput` holding every token so far for each
@@ -19,10 +19,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prefect_rayllm.rayllm_stages.compat.ray_private import RayCompatError, vllm_engine_stage, worker_setup_hook_env_var
+
 logger = logging.getLogger(__name__)
 
-HOOK = "prefect_rayllm.rayllm_stages.llm.engine_hooks.install"
-HOOK_ENV_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+HOOK = "prefect_rayllm.rayllm_stages.compat.engine_hooks.install"
+# Ray's WORKER_PROCESS_SETUP_HOOK_ENV_VAR (checked against the installed Ray in `with_engine_hook`).
+HOOK_ENV_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 CAPACITY_KEYS = ("rayllm_max_num_seqs", "rayllm_kv_tokens", "rayllm_clock_offset")
 _capacity: dict[str, float] = {}
 
@@ -36,9 +39,7 @@ def install() -> None:
 
 
 def _install() -> None:
-    import importlib
-
-    stage: Any = importlib.import_module("ray.llm._internal.batch.stages.vllm_engine_stage")
+    stage: Any = vllm_engine_stage()
     wrapper: Any = stage.vLLMEngineWrapper
     if getattr(wrapper, "_rayllm_hooked", False):
         return
@@ -105,6 +106,14 @@ def with_engine_hook(options: dict[str, Any]) -> dict[str, Any]:
     had, so only the engine actor imports vLLM for the hook. A runtime_env that already names a
     setup hook is left alone.
     """
+    try:
+        ray_env_var = worker_setup_hook_env_var()
+    except RayCompatError as exc:  # a performance hook: Ray's stage runs unchanged without it
+        logger.warning("rayllm engine hook not wired (%s)", exc)
+        return options
+    if ray_env_var != HOOK_ENV_VAR:
+        logger.warning("rayllm engine hook not wired: Ray's setup hook variable is %s, not %s", ray_env_var, HOOK_ENV_VAR)
+        return options
     runtime_env = dict(options.get("runtime_env") or {})
     env_vars = dict(runtime_env.get("env_vars") or {})
     if "worker_process_setup_hook" in runtime_env or HOOK_ENV_VAR in env_vars:

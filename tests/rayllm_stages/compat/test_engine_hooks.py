@@ -1,8 +1,8 @@
-"""The engine stage's setup hook (rayllm_stages.llm.engine_hooks): wiring and what it changes."""
+"""The engine stage's setup hook (rayllm_stages.compat.engine_hooks): wiring and what it changes."""
 
 from __future__ import annotations
 
-from prefect_rayllm.rayllm_stages.llm.engine_hooks import HOOK, HOOK_ENV_VAR, final_only, with_engine_hook
+from prefect_rayllm.rayllm_stages.compat.engine_hooks import HOOK, HOOK_ENV_VAR, final_only, with_engine_hook
 
 
 def test_hook_reaches_only_the_engine_stage():
