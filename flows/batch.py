@@ -6,14 +6,16 @@ from prefect import flow
 
 from prefect_rayllm.flows.jobs import run_job
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
+from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
-from prefect_rayllm.tasks.batch import finalize_batch, prepare_batch, run_batch
+from prefect_rayllm.tasks.batch import batch_job
+from prefect_rayllm.tasks.jobs import JOB_RESULT, run_cached_job
 from prefect_rayllm.tasks.reporting import ErrorRateExceeded, job_failed_hook, publish_batch_report
 
 __all__ = ["ErrorRateExceeded", "batch_inference"]
 
 
-@flow(name="batch-inference", validate_parameters=True, on_failure=[job_failed_hook("batch")])
+@flow(name="batch-inference", validate_parameters=True, on_failure=[job_failed_hook("batch")], **JOB_RESULT)
 def batch_inference(config: BatchJobConfig, overwrite: bool = False) -> Manifest:
     """Run a batch job: check, resume or start, infer, write results, errors and the manifest.
 
@@ -22,15 +24,14 @@ def batch_inference(config: BatchJobConfig, overwrite: bool = False) -> Manifest
         overwrite: Start over when the output holds a run with other settings.
 
     Returns:
-        The manifest. The run fails (after writing everything) if the error rate passes
-        `config.max_error_rate`.
+        The manifest, also the run's persisted result (`run_deployment(...).state.result()`). The
+        run fails (after writing everything) if the error rate passes `config.max_error_rate`. A
+        rerun of a completed job is a Cached `batch-job` task: same manifest, no engine started.
     """
     return run_job(
         "batch",
         config,
         overwrite,
-        prepare=prepare_batch,
-        run=run_batch,
-        finalize=finalize_batch,
+        execute=lambda config, overwrite: run_cached_job(batch_job, BatchJob, config, overwrite),
         publish=publish_batch_report,
     )

@@ -6,12 +6,14 @@ from prefect import flow
 
 from prefect_rayllm.flows.jobs import run_job
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
+from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
-from prefect_rayllm.tasks.chain import finalize_chain, prepare_chain, run_chain_steps
+from prefect_rayllm.tasks.chain import chain_job
+from prefect_rayllm.tasks.jobs import JOB_RESULT, run_cached_job
 from prefect_rayllm.tasks.reporting import job_failed_hook, publish_chain_report
 
 
-@flow(name="run-chain", validate_parameters=True, on_failure=[job_failed_hook("chain")])
+@flow(name="run-chain", validate_parameters=True, on_failure=[job_failed_hook("chain")], **JOB_RESULT)
 def run_chain(config: ChainJobConfig, overwrite: bool = False) -> Manifest:
     """Run a text-curation chain (e.g. reformat -> answer -> score) with all steps overlapping.
 
@@ -21,14 +23,13 @@ def run_chain(config: ChainJobConfig, overwrite: bool = False) -> Manifest:
 
     Returns:
         The manifest, with per-step rows, errors and tokens. The run fails (after writing) when the
-        error rate passes `config.max_error_rate`.
+        error rate passes `config.max_error_rate`. It is the run's persisted result; a rerun of a
+        completed chain is a Cached `chain-job` task (same manifest, no engine started).
     """
     return run_job(
         "chain",
         config,
         overwrite,
-        prepare=prepare_chain,
-        run=run_chain_steps,
-        finalize=finalize_chain,
+        execute=lambda config, overwrite: run_cached_job(chain_job, ChainJob, config, overwrite),
         publish=publish_chain_report,
     )

@@ -18,13 +18,19 @@ from prefect_rayllm.tasks.evaluation import (
     score_target,
     write_evaluation,
 )
+from prefect_rayllm.tasks.jobs import JOB_RESULT
 from prefect_rayllm.tasks.reporting import job_failed_hook
 from prefect_rayllm.tasks.runtime import connect_ray
 
 
 # Whatever fails the run (the gate, a bad dataset, an engine): `rayllm.evaluation.failed` with the
 # reason; `rayllm.evaluation.completed` has already told the verdict when the gate was reached.
-@flow(name="evaluate", validate_parameters=True, on_failure=[job_failed_hook("evaluation", key="name", unknown="unnamed")])
+@flow(
+    name="evaluate",
+    validate_parameters=True,
+    on_failure=[job_failed_hook("evaluation", key="name", unknown="unnamed")],
+    **JOB_RESULT,
+)
 def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationResult:
     """Evaluate every target on the dataset; compare with the baseline; apply the gate.
 
@@ -34,7 +40,7 @@ def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationRes
 
     Returns:
         The typed result: per target a summary (means with bootstrap intervals, per slice), the
-        deltas against the baseline, and the gate's verdict. When the gate fails and
+        deltas against the baseline, and the gate's verdict; also the run's persisted result. When the gate fails and
         `gate.fail_flow` is true (the default) the flow run fails after writing everything,
         so a rollout or an automation can depend on it.
     """
@@ -64,7 +70,8 @@ def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationRes
 # It used to fan out over Ray with prefect-ray's RayTaskRunner: on an external cluster each Ray
 # worker then started its own temporary Prefect server (the driver's API is not reachable from
 # there), which timed out under load and turned a gate into a crash.
-@flow(name="score-targets", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
+# Its scores are per example: passed back in memory, never persisted (the flow's result is the summary).
+@flow(name="score-targets", task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)  # type: ignore[arg-type]
 def score_targets(config: EvaluationConfig) -> dict[str, list[ScoredExample]]:
     """Score each target as its own task, in this flow process."""
     futures = {target.name: score_target.submit(config, target.name) for target in config.targets}

@@ -45,6 +45,7 @@ from prefect_rayllm.tasks.endpoints import (
     smoke_test,
     wait_healthy,
 )
+from prefect_rayllm.tasks.jobs import JOB_RESULT
 from prefect_rayllm.tasks.locks import endpoint_lock
 from prefect_rayllm.tasks.progress import report_step
 from prefect_rayllm.tasks.reporting import job_failed_hook
@@ -55,6 +56,7 @@ from prefect_rayllm.tasks.runtime import connect_ray
     name="rollout-endpoint",
     validate_parameters=True,
     on_failure=[job_failed_hook("rollout", key="endpoint", resource="endpoint")],
+    **JOB_RESULT,
 )
 def rollout_endpoint(config: RolloutConfig) -> RolloutReport:
     """Roll the candidate out to the endpoint, or leave the current version serving.
@@ -64,7 +66,7 @@ def rollout_endpoint(config: RolloutConfig) -> RolloutReport:
 
     Returns:
         The report: outcome `promoted` (or `unchanged` when the candidate already serves), the
-        steps with their timings, and each canary step's counters.
+        steps with their timings, and each canary step's counters; also the run's persisted result.
 
     Raises:
         RolloutRolledBack: the candidate failed a check; it is removed and the previous version

@@ -12,6 +12,7 @@ from prefect_rayllm.rayllm_stages.config.base import ConfigError
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
 from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob, Execution, Preparation
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
+from prefect_rayllm.tasks.jobs import JOB_RESULT, JobCache, run_lifecycle
 from prefect_rayllm.tasks.progress import ProgressReporter
 from prefect_rayllm.tasks.reporting import artifact_key
 from prefect_rayllm.tasks.runtime import worker_logs_to_task
@@ -37,7 +38,7 @@ STORAGE_RETRIES: dict[str, Any] = dict(
 )
 
 
-@task(name="prepare-batch", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@task(name="prepare-batch", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def prepare_batch(config: BatchJobConfig, overwrite: bool = False) -> Preparation:
     """Check the input against the config and decide: start, resume, or refuse.
 
@@ -72,7 +73,7 @@ EXECUTION_RETRIES: dict[str, Any] = dict(
 )
 
 
-@task(name="run-batch", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
+@task(name="run-batch", cache_policy=NO_CACHE, persist_result=False, **EXECUTION_RETRIES)
 @worker_logs_to_task
 def run_batch(config: BatchJobConfig) -> Execution:
     """Run every row not yet committed through the engine; a retry picks up where this stopped.
@@ -100,7 +101,17 @@ def run_batch(config: BatchJobConfig) -> Execution:
     return execution
 
 
-@task(name="finalize-batch", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@task(name="finalize-batch", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def finalize_batch(config: BatchJobConfig, execution: Execution | None = None, flow_run_id: str | None = None) -> Manifest:
     """Write results.jsonl, errors.jsonl and manifest.json from the committed parts."""
     return BatchJob(config).finalize(flow_run_id=flow_run_id, execution=execution)
+
+
+@task(name="batch-job", cache_policy=JobCache(job=BatchJob), **JOB_RESULT)
+def batch_job(config: BatchJobConfig, overwrite: bool = False) -> Manifest:
+    """The whole batch job (connect Ray, prepare, run, finalize) as one task whose result is the manifest.
+
+    Cached on the output, the settings and the input's version (`tasks.jobs.JobCache`): call it
+    through `tasks.jobs.run_cached_job`, which bypasses the cache on `overwrite` or a changed output.
+    """
+    return run_lifecycle(config, overwrite, prepare=prepare_batch, run=run_batch, finalize=finalize_batch)

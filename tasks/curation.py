@@ -55,7 +55,7 @@ Rows = Any  # a ray.data.Dataset or a list of row dicts
 # -- the flow's tasks ------------------------------------------------------------------------
 
 
-@task(name="prepare-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@task(name="prepare-curation", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def prepare_curation(config: CurationConfig, overwrite: bool = False) -> Preparation:
     """List the images and start, resume, or refuse (another run's settings in the output).
 
@@ -80,7 +80,7 @@ def prepare_curation(config: CurationConfig, overwrite: bool = False) -> Prepara
     return preparation
 
 
-@task(name="curate-images", cache_policy=NO_CACHE, **EXECUTION_RETRIES)
+@task(name="curate-images", cache_policy=NO_CACHE, persist_result=False, **EXECUTION_RETRIES)
 @worker_logs_to_task
 def run_curation(config: CurationConfig) -> Execution:
     """Fetch, decode, caption and score every image without a record, as one streaming pipeline;
@@ -97,7 +97,7 @@ def run_curation(config: CurationConfig) -> Execution:
     return execution
 
 
-@task(name="finalize-curation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@task(name="finalize-curation", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def finalize_curation(config: CurationConfig, execution: Execution | None = None, flow_run_id: str | None = None) -> Manifest:
     """Rules and dedup over all records; curated/rejected Parquet, contact sheet and manifest."""
     manifest = CurationJob(config).finalize(flow_run_id=flow_run_id, execution=execution)

@@ -31,7 +31,7 @@ class GateFailed(RuntimeError):
     """The evaluation gate failed; scores, metrics and the report were written first."""
 
 
-@task(name="check-evaluation", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@task(name="check-evaluation", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def check_evaluation_input(config: EvaluationConfig) -> int:
     """Check the dataset against metrics, prompt and targets before any engine starts."""
     examples = check_evaluation(config)
@@ -41,7 +41,7 @@ def check_evaluation_input(config: EvaluationConfig) -> int:
     return examples
 
 
-@task(name="score-target", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@task(name="score-target", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def score_target(config: EvaluationConfig, target: str) -> list[ScoredExample]:
     """Join the dataset with the target's answers and judgements, and score every example.
 
@@ -56,7 +56,7 @@ def score_target(config: EvaluationConfig, target: str) -> list[ScoredExample]:
     return scored
 
 
-@task(name="load-baseline", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@task(name="load-baseline", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def load_baseline(config: EvaluationConfig) -> tuple[dict[str, list[ScoredExample]] | None, str | None]:
     """The baseline's scores per target and where they came from (None: no baseline yet)."""
     baseline = config.baseline

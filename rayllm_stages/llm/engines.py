@@ -32,9 +32,9 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from prefect_rayllm.rayllm_stages.compat.engine_hooks import with_engine_hook
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 from prefect_rayllm.rayllm_stages.llm.capacity import size_vllm_options
-from prefect_rayllm.rayllm_stages.compat.engine_hooks import with_engine_hook
 from prefect_rayllm.rayllm_stages.llm.rows import (
     ERROR_COLUMN,
     NO_ERROR,
