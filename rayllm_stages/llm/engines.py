@@ -14,7 +14,8 @@ request instead of its own: one token, of the very shape of the step's requests 
 shape, a complete `EngineSampling`), so that every row of a block takes the same path through
 Ray's stages and comes out with the same columns and types. (Rows that skip Ray's stages come out
 without the columns those stages add; Ray 2.60 then fails to concatenate blocks where such a
-column is null-typed in one and a struct in the other.) A reply the step cannot use (not matching
+column is null-typed in one and a struct in the other.) The HTTP path sends nothing for such a
+row (see `_http_preprocess`). A reply the step cannot use (not matching
 its schema) fails the row in the postprocess. `rows.conform` gives every row, good or failed (Ray's
 own error rows included), the declared schema. One bad row never stops the batch, nor changes its
 neighbours' types.
@@ -473,8 +474,19 @@ def _body_json(model_name: str, request: ChatRequest) -> str:
 
 
 def _http_preprocess(row: dict[str, Any], model_name: str, step: LLMStep) -> dict[str, Any]:
-    request, errors = _request_for(prepare_request(row, step), step)
-    return {"payload": {BODY_FIELD: _body_json(model_name, request)}, **errors}
+    """A row's request body; a row that does not run sends nothing to the endpoint (which may bill
+    per request): it has Ray's error column set, so Ray's HTTP stage passes it by, and an empty
+    body of the same type. The HTTP stage adds no column of its own to the rows it passes by, so
+    its blocks concatenate whatever their mix (unlike the vLLM path: see the module docstring)."""
+    outcome = prepare_request(row, step)
+    if isinstance(outcome, RowFailure):
+        return {
+            "payload": {BODY_FIELD: ""},
+            ERROR_COLUMN: outcome.column(),
+            RAY_ERROR_COLUMN: outcome.message or outcome.code,
+            "http_status": 0,
+        }
+    return {"payload": {BODY_FIELD: _body_json(model_name, outcome)}, **_request_for(outcome, step)[1]}
 
 
 def _unwrap_body(data: Any) -> Any:

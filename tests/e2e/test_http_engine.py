@@ -84,3 +84,74 @@ def test_wrong_api_key_rows_become_errors_not_silent_rows(tmp_path, prefect_serv
     assert manifest.counts.failed == 1
     (error,) = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert error["response"]["status_code"] == 401 and error["error"]["code"] == "engine_error"
+
+
+def _server_requests(base_url: str) -> float:
+    """Requests vLLM's server finished, from its Prometheus metrics (not behind the API key)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total{"))
+
+
+@pytest.mark.slow
+def test_a_row_failed_at_step_one_sends_nothing_to_an_http_step_two(
+    tmp_path, prefect_server, ray_session, openai_server, monkeypatch
+):
+    """An endpoint may bill per request: a row that failed earlier never reaches it, whatever its
+    block holds (blocks of 4 here: some all failed, some mixed), and every row is accounted for."""
+    from prefect_rayllm.flows.chain import run_chain
+    from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
+
+    monkeypatch.setenv("TINY_SERVER_KEY", OPENAI_SERVER_KEY)
+    colours = [q.split()[1] for q, _ in TOY_TASK]
+    pattern = "BBBBGGBGBBBBGGGG"  # G: a colour; B: a prompt longer than the server's context
+    rows = [
+        {"cid": f"r{i}", "colour": colours[i % len(colours)] if kind == "G" else "red " * 400} for i, kind in enumerate(pattern)
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = {
+        "source": "tiny-good",
+        "engine": "http",
+        "base_url": openai_server,
+        "api_key_env": "TINY_SERVER_KEY",
+        "batch_size": 4,
+    }
+    config = ChainJobConfig.model_validate(
+        {
+            "input": str(tmp_path / "in.jsonl"),
+            "output": str(tmp_path / "out"),
+            "id_column": "cid",
+            "max_error_rate": 1.0,
+            "steps": [
+                {
+                    "name": "answer",
+                    "model": model,
+                    "prompt": {"user": "Is {{ colour }} warm or cool?"},
+                    "sampling": {"max_tokens": 8},
+                    "output_column": "answer",
+                },
+                {
+                    "name": "again",
+                    "model": model,
+                    "prompt": {"user": "Is {{ colour }} warm or cool?"},
+                    "sampling": {"max_tokens": 8},
+                    "output_column": "again",
+                },
+            ],
+        }
+    )
+    before = _server_requests(openai_server)
+    manifest = run_chain(config)
+    sent = _server_requests(openai_server) - before
+
+    good = pattern.count("G")
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert sorted(r["_row_id"] for r in results) == sorted(f"r{i}" for i, k in enumerate(pattern) if k == "G")
+    assert all(r["again"] == r["answer"] for r in results)
+    assert len(errors) == pattern.count("B") and {e["failed_step"] for e in errors} == {"answer"}
+    assert manifest.counts.completed == good
+    # The server refused step one's over-long prompts before its engine (not counted as finished);
+    # each step finished one request per good row, and step two got none for the failed rows.
+    assert sent == 2 * good, f"the server finished {sent} requests; expected {good} per step"

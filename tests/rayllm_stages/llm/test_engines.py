@@ -99,6 +99,9 @@ def test_a_failed_row_keeps_its_error_and_sends_a_request_of_the_same_shape():
             preprocess(_row(x="hi"), model_name="tiny", step=step),
         )
         assert set(failed) - {"http_status"} == set(ok) and failed[ERROR_COLUMN]["code"] == "step_error"
+    # HTTP: nothing is sent for it (Ray's HTTP stage passes rows with its error column by)
+    failed = _http_preprocess(_row(x=None), model_name="tiny", step=step)
+    assert failed[RAY_ERROR_COLUMN] and failed["payload"] == {"body_json": ""}
 
 
 def test_a_failed_row_comes_out_of_the_postprocess_as_it_came_in():
