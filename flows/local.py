@@ -53,10 +53,10 @@ def start_runtimes(ray_address: str | None) -> None:
 def _import_engine_stack() -> None:
     """Import Ray's vLLM stage (torch, transformers, vLLM: seconds) while Ray starts; the
     processor build would import it anyway. Without vLLM installed (HTTP-only) it is skipped."""
-    import importlib
+    from prefect_rayllm.rayllm_stages.compat import ray_private
 
     try:
-        importlib.import_module("ray.llm._internal.batch.stages.vllm_engine_stage")
+        ray_private.vllm_engine_stage()
     except ImportError:
         pass
 

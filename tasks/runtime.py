@@ -56,17 +56,22 @@ def temporary_prefect_server() -> Any:
 
 
 def _temporary_server_url() -> str | None:
+    """The URL of the temporary server Prefect uses in this process, once its port is chosen.
+
+    `SubprocessASGIServer()` is that server (one per process: Prefect's own client and event
+    workers get it the same way); made before Prefect starts it, it is the one Prefect will start.
+    """
     try:
         from prefect.server.api.server import SubprocessASGIServer
 
-        server = SubprocessASGIServer._instances.get(None)
-    except Exception:  # private API: the URL is a courtesy, the refusal above is the guarantee
+        server = SubprocessASGIServer()
+    except Exception:  # not Prefect's server API: the URL is a courtesy, the refusal above is the guarantee
         return None
-    return server.api_url if server is not None and server.port is not None else None
+    return server.api_url if server.port is not None else None
 
 
 @task(name="connect-ray", cache_policy=NO_CACHE)
-def connect_ray(address: str | None = None) -> dict[str, object]:
+def connect_ray(address: str | None = None, block: str | None = None) -> dict[str, object]:
     """Connect this flow process to Ray: reuse a live connection, else start local Ray or join a cluster.
 
     From then on, the output of Ray's workers (actors, tasks, vLLM engines) goes to this flow run's

@@ -99,10 +99,8 @@ def accelerator_from_name(name: str, count: int = 1, memory_bytes: float | None 
 def _nvml_accelerator() -> Accelerator | None:
     """GPU 0 of this machine through NVML (no CUDA context is created), or None."""
     try:
-        try:
-            import pynvml
-        except ImportError:
-            import ray._private.thirdparty.pynvml as pynvml
+        import pynvml  # nvidia-ml-py (vLLM's CUDA build depends on it); without it, Ray's GPU type is used
+
         pynvml.nvmlInit()
         try:
             count = pynvml.nvmlDeviceGetCount()

@@ -102,7 +102,7 @@ def delete_engine(app_name: str) -> None:
     from ray import serve
 
     try:
-        serve.delete(app_name, _blocking=True)
+        serve.delete(app_name)
     except Exception as exc:  # teardown must not hide the job's own outcome
         logger.warning("could not delete the Serve application %s: %s", app_name, exc)
 
@@ -118,14 +118,9 @@ def _start_serve() -> None:
 def serve_running() -> bool:
     """Whether Serve runs on this cluster. `serve.status()` answers (empty) even when Serve was
     never started, so ask for its controller instead."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from prefect_rayllm.rayllm_stages.compat import ray_private
 
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        return True
-    except ValueError:
-        return False
+    return ray_private.serve_controller_running()
 
 
 def app_status(app: str):

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
+from prefect_rayllm.rayllm_stages.compat import ray_private
 from prefect_rayllm.rayllm_stages.config.base import StrictModel
 from prefect_rayllm.rayllm_stages.llm.serve_engine import app_status, delete_engine, llm_config, serve_running, wait_until_running
 from prefect_rayllm.rayllm_stages.rollout.config import HttpOptions, RolloutConfig, SmokePrompt
@@ -112,21 +113,12 @@ def ensure_serve_http(http: HttpOptions) -> None:
             "that way), so an endpoint would be unreachable. Stop Serve first (`serve shutdown`, or "
             "`ray.serve.shutdown()`) when no job uses it, then roll out again."
         )
-    port = _proxy_port()
+    port = ray_private.serve_http_port()
     if port is not None and port != http.port:
         raise ServeProxyMissing(
             f"Ray Serve's HTTP proxy listens on port {port}, not on http.port {http.port}; set http.port: {port} "
             "(one Serve instance has one proxy port)"
         )
-
-
-def _proxy_port() -> int | None:
-    try:
-        from ray.serve.context import _get_global_client
-
-        return int(_get_global_client().http_config.port)  # type: ignore[union-attr]
-    except Exception:  # private API: the check is a courtesy
-        return None
 
 
 # -- versions ----------------------------------------------------------------------------------
@@ -175,8 +167,6 @@ def deploy_version(config: RolloutConfig, gpu: bool) -> VersionInfo:
 
     A version that failed before is deleted and deployed again.
     """
-    from ray.serve import api as serve_api
-
     ensure_serve_http(config.http)
     info = version_info(config, config.version_id())
     status = app_status(info.app)
@@ -193,7 +183,7 @@ def deploy_version(config: RolloutConfig, gpu: bool) -> VersionInfo:
     app = version_application(config, gpu)
     # `serve.run` waits for RUNNING without a timeout; the health step waits instead, with one,
     # after the deploy task is recorded, so that a version that never starts is rolled back.
-    serve_api._run(app, _blocking=False, name=info.app, route_prefix=info.route_prefix)
+    _run_without_waiting(app, info)
     return info.model_copy(update={"deployed_here": True})
 
 
@@ -203,20 +193,19 @@ def version_application(config: RolloutConfig, gpu: bool, replicas: tuple[int, i
 
     Serve restarts every replica of an unversioned deployment on each redeploy; pinned, a redeploy
     that changes only autoscaling (`scale_version`) updates the running replicas in place.
-    `serve.deployment(version=...)` is refused in Ray 2.60, hence `options(..., _internal=True)`
-    on the bound application (pinned with Ray, like the router's version).
+    Ray 2.60 offers no public way to set it (`compat.ray_private.pin_openai_app_version` says why).
     """
-    from ray.serve.deployment import Application
     from ray.serve.llm import build_openai_app
 
     app = build_openai_app({"llm_configs": [serving_llm_config(config, gpu, replicas)]})
-    ingress = app._bound_deployment
-    kwargs = dict(ingress._replica_config.init_kwargs or {})
-    kwargs["llm_deployments"] = {
-        model: Application(engine._bound_deployment.options(version=config.version_id(), _internal=True))
-        for model, engine in kwargs["llm_deployments"].items()
-    }
-    return Application(ingress.options(_init_kwargs=kwargs, _internal=True))
+    return ray_private.pin_openai_app_version(app, config.version_id())
+
+
+def _run_without_waiting(app, info: VersionInfo) -> None:
+    """Deploy `app` as the version's application; return once Serve took it, not once it runs."""
+    from ray import serve
+
+    serve.run_many([serve.RunTarget(app, name=info.app, route_prefix=info.route_prefix)], wait_for_applications_running=False)
 
 
 def scale_version(config: RolloutConfig, min_replicas: int, max_replicas: int, gpu: bool) -> VersionInfo:
@@ -226,8 +215,6 @@ def scale_version(config: RolloutConfig, min_replicas: int, max_replicas: int, g
     Raises:
         ValueError: bad bounds, or that version is not running on this cluster.
     """
-    from ray.serve import api as serve_api
-
     if min_replicas < 0 or max_replicas < max(min_replicas, 1):
         raise ValueError(f"replicas: need 0 <= min ({min_replicas}) <= max ({max_replicas}) and max >= 1")
     info = version_info(config, config.version_id())
@@ -240,7 +227,7 @@ def scale_version(config: RolloutConfig, min_replicas: int, max_replicas: int, g
         )
     logger.info("scaling %s to %d..%d replicas", info.app, min_replicas, max_replicas)
     app = version_application(config, gpu, replicas=(min_replicas, max_replicas))
-    serve_api._run(app, _blocking=False, name=info.app, route_prefix=info.route_prefix)
+    _run_without_waiting(app, info)
     wait_until_running(info.app, config.timeouts.deploy_s)
     return info
 
@@ -414,11 +401,7 @@ def set_traffic(
     if current is None:
         if candidate is None:
             raise ValueError(f"endpoint {config.endpoint!r} has no router yet: the first traffic needs a candidate")
-        from ray.llm._internal.serve.core.configs.openai_api_models import (
-            to_model_metadata,
-        )
-
-        card = to_model_metadata(config.model_id, serving_llm_config(config, gpu)).model_dump()
+        card = ray_private.openai_model_card(config.model_id, serving_llm_config(config, gpu))
         current = RouteTable(
             model_id=config.model_id,
             primary=candidate.version,
@@ -440,10 +423,10 @@ def router_stats(endpoint: str, since: float) -> dict[str, TrafficWindow]:
 
     handle = serve.get_deployment_handle(ROUTER_DEPLOYMENT, app_name=endpoint)
     try:
-        from ray.llm._internal.serve.utils.broadcast import broadcast
-
-        return merge_stats(broadcast(handle, "stats", args=(since,)))
-    except Exception as exc:  # experimental API: one replica's counters are still an answer
+        return merge_stats(ray_private.broadcast(handle, "stats", args=(since,)))
+    except ray_private.RayCompatError:
+        raise
+    except Exception as exc:  # a replica did not answer: one replica's counters are still an answer
         logger.debug("broadcast to the router failed (%s); asking one replica", exc)
         return merge_stats([handle.stats.remote(since).result(timeout_s=30)])
 

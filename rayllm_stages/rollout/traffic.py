@@ -27,13 +27,16 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from prefect_rayllm.rayllm_stages.compat import ray_private
 from prefect_rayllm.rayllm_stages.config.base import StrictModel
 
 VERSION_HEADER = "x-rayllm-version"
 ROUTER_DEPLOYMENT = "EndpointRouter"
 # Serve compares this to decide between an in-place reconfigure and new replicas: new router code
-# (this file) must restart the routers, a new route table must not.
-ROUTER_CODE_VERSION = "router-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+# (this file, and the ingress part in compat) must restart the routers, a new route table must not.
+ROUTER_CODE_VERSION = (
+    "router-" + hashlib.sha256(Path(__file__).read_bytes() + Path(ray_private.__file__).read_bytes()).hexdigest()[:12]
+)
 _STATS_WINDOW = 100_000  # samples kept per version
 _WARM_TIMEOUT_S = 60.0
 
@@ -189,11 +192,9 @@ def router_application(table: RouteTable, replicas: int = 1):
         # driver with another one (another Prefect API URL) would restart the router mid-rollout.
         ray_actor_options={"num_cpus": 0, "runtime_env": {}},
     )
-    # `version` is internal in Serve 2.60; without it every deploy gets a random code version and
-    # replaces the replicas, which is the restart a traffic shift must avoid.
-    return deployment.options(  # type: ignore[attr-defined]
-        version=ROUTER_CODE_VERSION, user_config=table.model_dump(), _internal=True
-    ).bind()
+    # Without a fixed code version every deploy replaces the replicas, which is the restart a
+    # traffic shift must avoid (`compat.ray_private.with_code_version`).
+    return ray_private.with_code_version(deployment, ROUTER_CODE_VERSION, user_config=table.model_dump()).bind()
 
 
 def _router_class():
@@ -203,23 +204,18 @@ def _router_class():
 
     from fastapi import Request, status
     from ray import serve
-    from ray.llm._internal.common.utils.lora_utils import get_base_model_id
-    from ray.llm._internal.serve.core.configs.openai_api_models import (
-        ChatCompletionRequest,
-        CompletionRequest,
-        ModelCard,
-        ModelList,
-        OpenAIHTTPException,
-    )
-    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
-    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+    from ray.serve.llm.ingress import make_fastapi_ingress
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
     from starlette.responses import Response
 
-    class EndpointRouter(OpenAiIngress):
+    routed_ingress = ray_private.version_routed_ingress()
+    openai_error = ray_private.openai_http_exception()
+
+    class EndpointRouter(routed_ingress):  # type: ignore[valid-type, misc]
         """OpenAI front end of one endpoint: each request goes to one version by weight."""
 
         def __init__(self):
-            super().__init__(llm_deployments={}, model_cards={})
+            super().__init__()
             self._table: RouteTable | None = None
             self._picker: WeightedPicker | None = None
             self._handles: dict[str, Any] = {}
@@ -236,9 +232,8 @@ def _router_class():
                     serve.get_deployment_handle(r.deployment, app_name=r.app)
                 )
             # Swap everything at once: a request in flight keeps the handle it already chose.
-            self._model_cards = {table.model_id: ModelCard.model_validate(table.model_card or _default_card(table.model_id))}
-            self._lora_paths = {table.model_id: table.lora_path} if table.lora_path else {}
-            self._handles, self._configured_serve_handles = handles, {}
+            self.serve_model(table.model_id, table.model_card or _default_card(table.model_id), table.lora_path)
+            self._handles = handles
             self._picker, self._table = WeightedPicker(table.weights), table
 
         def table(self) -> dict[str, Any] | None:
@@ -247,16 +242,9 @@ def _router_class():
         def stats(self, since: float) -> dict[str, dict[str, Any]]:
             return self._stats.since(since)
 
-        def _get_configured_serve_handle(self, model_id: str):
+        def chosen_route(self) -> tuple[str, Any]:
             version = self._chosen.get()
-            key = f"{version}\0{model_id}"
-            if key not in self._configured_serve_handles:
-                handle = self._handles[version]
-                if model_id == get_base_model_id(model_id):
-                    self._configured_serve_handles[key] = handle.options(stream=True)
-                else:  # a LoRA adapter: Serve's multiplexing picks a replica that has it loaded
-                    self._configured_serve_handles[key] = handle.options(stream=True, multiplexed_model_id=model_id)
-            return self._configured_serve_handles[key]
+            return version, self._handles[version]
 
         def _authorize(self, request: Request) -> None:
             digest = self._table.api_key_sha256 if self._table else None
@@ -265,13 +253,13 @@ def _router_class():
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not token or not hmac.compare_digest(key_digest(token), digest):
-                raise OpenAIHTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or missing API key", type="AuthenticationError")
+                raise openai_error(status.HTTP_401_UNAUTHORIZED, "invalid or missing API key", type="AuthenticationError")
 
-        async def models(self, request: Request) -> ModelList:  # type: ignore[override]
+        async def models(self, request: Request):
             self._authorize(request)
             return await super().models()
 
-        async def model_data(self, model: str, request: Request) -> ModelCard:  # type: ignore[override]
+        async def model_data(self, model: str, request: Request):
             self._authorize(request)
             return await super().model_data(model)
 
@@ -284,14 +272,14 @@ def _router_class():
         async def _routed(self, body, method: str, request: Request) -> Response:
             self._authorize(request)
             if self._picker is None:
-                raise OpenAIHTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the endpoint has no route yet")
+                raise openai_error(status.HTTP_503_SERVICE_UNAVAILABLE, "the endpoint has no route yet")
             version = self._picker.pick()
             token = self._chosen.set(version)
             start, ok = time.monotonic(), False
             try:
-                response = await self._process_llm_request(body, call_method=method, raw_request=request)
+                response = await self.forward(body, method, request)
                 ok = True
-            except OpenAIHTTPException as exc:
+            except openai_error as exc:
                 ok = exc.status_code < 500  # a client's bad request is not the version's failure
                 raise
             finally:
@@ -309,8 +297,16 @@ def _router_class():
             logging.getLogger(__name__).warning("warming the handle to %s failed: %s", handle.deployment_name, exc)
         return handle
 
-    endpoints = {name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "chat", "completions")}
-    return make_fastapi_ingress(EndpointRouter, endpoint_map=endpoints)
+    return make_fastapi_ingress(EndpointRouter, endpoint_map=_OPENAI_ROUTES)
+
+
+# OpenAI's routes, as Ray's own ingress serves them, for the methods the router answers.
+_OPENAI_ROUTES = {
+    "models": lambda app: app.get("/v1/models"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
+    "completions": lambda app: app.post("/v1/completions"),
+}
 
 
 def _default_card(model_id: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from prefect_rayllm.rayllm_stages.compat import ray_private
 from prefect_rayllm.rayllm_stages.runtime import worker_logs
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ def connect(address: str | None = None, *, env_vars: dict[str, str] | None = Non
 
     if ray.is_initialized():
         return _describe(started_here=False)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     runtime_env: dict[str, Any] = {"env_vars": dict(env_vars)} if env_vars else {}
     # RAYLLM_RAY_LOGS=0 keeps Ray worker and vLLM output off this process's console.
     log_to_driver = os.environ.get("RAYLLM_RAY_LOGS", "1") != "0"
@@ -55,6 +55,10 @@ def connect(address: str | None = None, *, env_vars: dict[str, str] | None = Non
         worker_logs.keep_root_logging()
         return _describe(started_here=False)
     reap_orphaned_local_clusters()
+    # Ray 2.60 turns token auth on for a new local cluster; the one started here serves this
+    # process alone (no dashboard), so it runs without unless RAY_AUTH_MODE says otherwise.
+    # A cluster joined above keeps whatever auth it has: its token, if any, is Ray's to find.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
         num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
         include_dashboard=False,
@@ -83,12 +87,7 @@ def _describe(started_here: bool) -> RayConnection:
 
 
 def _session_dir() -> str | None:
-    try:
-        from ray._private.worker import _global_node
-
-        return _global_node.get_session_dir_path() if _global_node else None
-    except Exception:  # private API: reaping is best effort
-        return None
+    return ray_private.ray_session_dir()
 
 
 def _registry_file(pid: int) -> Path:

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from prefect_rayllm.rayllm_stages.compat import ray_private
+
 LEVEL_ENV = "RAYLLM_RAY_LOG_LEVEL"
 MAX_LINES_ENV = "RAYLLM_RAY_LOG_MAX_LINES_PER_MINUTE"
 DEFAULT_LEVEL = "WARNING"
@@ -181,8 +183,7 @@ def forward_worker_logs(
     Returns:
         The forwarder (its counters say what passed), or None when the level is OFF.
     """
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
+    dispatcher = ray_private.worker_stdstream_dispatcher()
     dispatcher.remove_handler(HANDLER_NAME)
     threshold = resolve_level(level)
     if threshold >= OFF:
@@ -200,10 +201,8 @@ _active: WorkerLogForwarder | None = None
 
 def stop_forwarding() -> None:
     """Stop sending worker output to the last logger."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
     global _active
-    dispatcher.remove_handler(HANDLER_NAME)
+    ray_private.worker_stdstream_dispatcher().remove_handler(HANDLER_NAME)
     _active = None
 
 
@@ -237,7 +236,7 @@ def forwarding_to(logger: logging.Logger | logging.LoggerAdapter) -> Iterator[Wo
 def keep_root_logging() -> None:
     """Import Ray Serve LLM now, keeping this process's root logger as it is.
 
-    Importing `ray.llm._internal.serve` (which `ray.serve.llm` and the Serve engine paths do)
+    Importing `ray.serve.llm` (as the Serve engine paths do)
     replaces the root logger's handlers with one that writes JSON to stderr, and sets its level to
     INFO: every library's INFO records (HTTP requests included) then reach the console as JSON. It
     does so once per process, so importing it here first, and putting the root logger back, keeps
@@ -246,7 +245,7 @@ def keep_root_logging() -> None:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        import ray.llm._internal.serve  # noqa: F401
+        import ray.serve.llm  # noqa: F401
     except Exception:  # not installed, or not importable here: nothing takes the root logger over
         return
     finally:
