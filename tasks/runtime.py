@@ -71,7 +71,7 @@ def _temporary_server_url() -> str | None:
 
 
 @task(name="connect-ray", cache_policy=NO_CACHE)
-def connect_ray(address: str | None = None, block: str | None = None) -> dict[str, object]:
+def connect_ray(address: str | None = None) -> dict[str, object]:
     """Connect this flow process to Ray: reuse a live connection, else start local Ray or join a cluster.
 
     From then on, the output of Ray's workers (actors, tasks, vLLM engines) goes to this flow run's
