@@ -45,6 +45,7 @@ from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.rayllm_stages.jobs.lifecycle import Execution, Preparation
 from prefect_rayllm.rayllm_stages.jobs.manifest import CurationSection, Manifest
 from prefect_rayllm.tasks.batch import EXECUTION_RETRIES, STORAGE_RETRIES
+from prefect_rayllm.tasks.blocks import storage_options_with_block, with_storage_credentials
 from prefect_rayllm.tasks.progress import ProgressReporter
 from prefect_rayllm.tasks.reporting import artifact_key
 from prefect_rayllm.tasks.runtime import worker_logs_to_task
@@ -190,7 +191,7 @@ def publish_curation_report(config: CurationConfig, manifest: Manifest) -> None:
     )
     sheet = None
     if "contact_sheet" in manifest.outputs:
-        with Location(manifest.outputs["contact_sheet"], config.storage_options).open("rb") as handle:
+        with Location(manifest.outputs["contact_sheet"], with_storage_credentials(config).storage_options).open("rb") as handle:
             sheet = compact_for_markdown(handle.read())
     create_markdown_artifact(
         report_markdown(manifest, sheet), key=artifact_key("curation-report", config.output), description="Curation report"
@@ -215,7 +216,7 @@ def fetch_images(data: Rows, config: FetchConfig | dict[str, Any] | None = None,
             return [len(r["image_bytes"]) for r in fetch_images(uris)]
         ```
     """
-    return stages.fetch_stage(data, config, workers)
+    return stages.fetch_stage(data, with_storage_credentials(FetchConfig.model_validate(config or {})), workers)
 
 
 @task(name="decode-images", cache_policy=NO_CACHE)
@@ -293,6 +294,7 @@ def write_curation(
     output: str,
     storage_options: dict[str, Any] | None = None,
     model_name: str = "",
+    storage_block: str | None = None,
     fetch: FetchConfig | None = None,
     contact_sheet_images: int = 24,
 ) -> Manifest:
@@ -309,8 +311,8 @@ def write_curation(
     return write_outputs(
         records,
         output,
-        storage_options=storage_options,
+        storage_options=storage_options_with_block(storage_block, storage_options),
         model_name=model_name,
-        fetch=fetch,
+        fetch=with_storage_credentials(fetch) if fetch is not None else None,
         contact_sheet_images=contact_sheet_images,
     )

@@ -24,6 +24,7 @@ from prefect_rayllm.rayllm_stages.evaluation.run import (
     score_records,
 )
 from prefect_rayllm.tasks.batch import STORAGE_RETRIES
+from prefect_rayllm.tasks.blocks import with_storage_credentials
 from prefect_rayllm.tasks.reporting import artifact_key
 
 
@@ -34,7 +35,7 @@ class GateFailed(RuntimeError):
 @task(name="check-evaluation", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def check_evaluation_input(config: EvaluationConfig) -> int:
     """Check the dataset against metrics, prompt and targets before any engine starts."""
-    examples = check_evaluation(config)
+    examples = check_evaluation(with_storage_credentials(config))
     get_run_logger().info(
         "evaluation %s: %d examples, targets: %s", config.name, examples, ", ".join(t.name for t in config.targets)
     )
@@ -49,7 +50,8 @@ def score_target(config: EvaluationConfig, target: str) -> list[ScoredExample]:
     its own process (no Ray worker, so no Prefect API is needed anywhere but here).
     """
     (spec,) = [t for t in config.targets if t.name == target]
-    scored = score_records(config, collect_records(config, spec))
+    resolved = with_storage_credentials(config)
+    scored = score_records(resolved, collect_records(resolved, spec))
     failed = sum(1 for s in scored if s.error)
     judge_errors = sum(1 for s in scored if s.judge_error)
     get_run_logger().info("target %s: %d examples scored (%d failed, %d judge errors)", target, len(scored), failed, judge_errors)
@@ -59,6 +61,7 @@ def score_target(config: EvaluationConfig, target: str) -> list[ScoredExample]:
 @task(name="load-baseline", cache_policy=NO_CACHE, persist_result=False, **STORAGE_RETRIES)
 def load_baseline(config: EvaluationConfig) -> tuple[dict[str, list[ScoredExample]] | None, str | None]:
     """The baseline's scores per target and where they came from (None: no baseline yet)."""
+    config = with_storage_credentials(config)
     baseline = config.baseline
     if baseline is None or baseline.target:
         return None, None  # a target of this run: compared after scoring
@@ -158,9 +161,10 @@ def _embedded_plots(config: EvaluationConfig, result: EvaluationResult) -> str:
     from prefect_rayllm.rayllm_stages.io.storage import Location
 
     parts = []
+    options = with_storage_credentials(config).storage_options
     for name, url in result.outputs.items():
         if name.startswith("plot:"):
-            with Location(url, config.storage_options).open("rb") as handle:
+            with Location(url, options).open("rb") as handle:
                 encoded = base64.b64encode(handle.read()).decode()
             parts.append(f"![{name[len('plot:') :]}](data:image/png;base64,{encoded})")
     return "\n\n## Plots\n\n" + "\n\n".join(parts) + "\n" if parts else ""
@@ -182,5 +186,5 @@ def write_evaluation(
     """scores.jsonl, metrics.json, report.md and plots in the output folder."""
     from prefect_rayllm.rayllm_stages.evaluation.run import write_outputs
 
-    write_outputs(config, result, scored)
+    write_outputs(with_storage_credentials(config), result, scored)
     return result

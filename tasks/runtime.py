@@ -71,7 +71,7 @@ def _temporary_server_url() -> str | None:
 
 
 @task(name="connect-ray", cache_policy=NO_CACHE)
-def connect_ray(address: str | None = None) -> dict[str, object]:
+def connect_ray(address: str | None = None, block: str | None = None) -> dict[str, object]:
     """Connect this flow process to Ray: reuse a live connection, else start local Ray or join a cluster.
 
     From then on, the output of Ray's workers (actors, tasks, vLLM engines) goes to this flow run's
@@ -81,6 +81,8 @@ def connect_ray(address: str | None = None) -> dict[str, object]:
 
     Args:
         address: None for a local Ray in this process; "auto" or "ray://head:10001" for a cluster.
+        block: Instead of `address`, the name of a Ray connection block (`tasks.blocks.RayConnection`:
+            address, namespace, runtime_env).
 
     Returns:
         The address, whether this call started Ray, and the cluster's GPU count.
@@ -92,7 +94,12 @@ def connect_ray(address: str | None = None) -> dict[str, object]:
             connect_ray("auto")
         ```
     """
-    connection = ray_runtime.connect(address, env_vars=ray_worker_env())
+    if block:
+        from prefect_rayllm.tasks.blocks import connect_ray_block
+
+        connection = connect_ray_block(block, env_vars=ray_worker_env())
+    else:
+        connection = ray_runtime.connect(address, env_vars=ray_worker_env())
     context = FlowRunContext.get()
     # The flow run's logger, not this task's: get_run_logger() inside a task is the task's.
     target = flow_run_logger(context.flow_run, context.flow) if context and context.flow_run else get_run_logger()

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import ConfigError, StrictModel, load_config
+from prefect_rayllm.rayllm_stages.config.base import ConfigError, StrictModel, load_config, storage_block_field
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec, SamplingParams
 
 DEFAULT_KEY_ENV = "RAYLLM_API_KEY"
@@ -29,13 +29,17 @@ class ApiConfig(StrictModel):
     """The OpenAI-compatible Batch API: files and batches at `storage`, batches run as `deployment`."""
 
     storage: str = Field("./.rayllm/api/", description="fsspec URL where files, batch records and outputs live")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `storage`")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, description="fsspec options for `storage`")
+    storage_block: str | None = storage_block_field()
     models: dict[str, ModelSpec] = Field(min_length=1, description="the names requests give in body.model -> the model")
     sampling: SamplingParams = Field(default_factory=SamplingParams, description="defaults; a request's body overrides them")
     api_key_env: str | None = Field(None, description=f"environment variable holding the bearer key (default {DEFAULT_KEY_ENV})")
     api_key_secret: str | None = Field(None, description="Prefect Secret block holding the bearer key")
     deployment: str = Field("batch-inference/batch", description="the deployment each batch is a run of (flow/deployment)")
     ray_address: str | None = Field(None, description="passed to each batch run: None local Ray, 'auto' or ray://")
+    ray_block: str | None = Field(
+        None, min_length=1, description="passed to each batch run instead of ray_address: a Ray connection block"
+    )
     commit_every_rows: int = Field(500, ge=1, description="rows per committed part: the most a crash can lose")
     max_resumes: int = Field(3, ge=0, description="times a batch whose run's process is gone is put back in the queue")
     stale_after_s: float = Field(

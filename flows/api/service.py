@@ -43,6 +43,7 @@ from prefect_rayllm.rayllm_stages.batch_api.objects import (
 from prefect_rayllm.rayllm_stages.batch_api.store import BatchApiStore, new_id
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
 from prefect_rayllm.rayllm_stages.io.storage import Location
+from prefect_rayllm.tasks.blocks import storage_options_with_block
 
 logger = logging.getLogger("prefect_rayllm.api")
 
@@ -74,7 +75,9 @@ class BatchService:
     def __init__(self, config: ApiConfig, runs: BatchRuns, store: BatchApiStore | None = None):
         self.config = config
         self.runs = runs
-        self.store = store or BatchApiStore(config.storage, config.storage_options)
+        # the block's secret stays in this process: batch runs get the block's name (`job_config`)
+        self.storage_options = storage_options_with_block(config.storage_block, config.storage_options)
+        self.store = store or BatchApiStore(config.storage, self.storage_options)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -147,7 +150,7 @@ class BatchService:
             output_url=self.store.output_url(batch_id),
         )
         try:
-            checked = check_batch_file(source.url, self.config.models, self.config.storage_options, self.config.sampling)
+            checked = check_batch_file(source.url, self.config.models, self.storage_options, self.config.sampling)
         except (UnicodeDecodeError, OSError) as exc:
             record.validation_errors = [BatchError(code="invalid_file", message=f"the input file cannot be read as text: {exc}")]
         else:
@@ -324,7 +327,7 @@ class BatchService:
                 view.state, view.message = "FAILED", "the run completed but wrote no manifest.json"
                 return self._conclude(record, view)
             progress = _manifest_progress(manifest)
-            results, errors = (Location(manifest["outputs"][k], self.config.storage_options) for k in ("results", "errors"))
+            results, errors = (Location(manifest["outputs"][k], self.storage_options) for k in ("results", "errors"))
         else:  # cancelled, expired or failed: what it committed before it stopped
             results, errors, stats = self.store.write_partial_outputs(record)
             progress = Progress(record.total_requests, stats.results, stats.errors, stats.tokens_in, stats.tokens_out)
@@ -396,7 +399,9 @@ class BatchService:
             sampling=self.config.sampling,
             max_error_rate=1.0,  # failed requests go to the error file; the batch still completes
             storage_options=self.config.storage_options,
+            storage_block=self.config.storage_block,
             ray_address=self.config.ray_address,
+            ray_block=self.config.ray_block,
             commit_every_rows=self.config.commit_every_rows,
         )
         return config.model_dump(mode="json", exclude_defaults=True)

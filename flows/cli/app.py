@@ -108,10 +108,25 @@ def config_argument(what: str) -> Any:
 def load_checked(kind: str, path: Path, overrides: dict[str, Any] | None = None, overwrite: bool = False) -> Any:
     """Load a job's config and check its input and its output's earlier run, before anything starts
     (no Ray, no Prefect server): a missing input, a key that does not fit, or an output holding a run
-    with other settings fails here, in about a second, as one message."""
+    with other settings fails here, in about a second, as one message.
+
+    A config naming blocks (`storage_block`, `ray_block`) needs Prefect's API here: the blocks are
+    read (a missing one is that one message) and, for `ray_block`, Ray is connected as the block
+    says. The config returned still names the blocks: it becomes the flow's parameters."""
+    from prefect_rayllm.rayllm_stages.config.base import storage_blocks
     from prefect_rayllm.rayllm_stages.jobs.kinds import check_job, check_resume, load_job_config
 
     _, config = load_job_config(path, kind, {k: v for k, v in (overrides or {}).items() if v is not None})
-    check_job(kind, config)
-    check_resume(kind, config, overwrite)
+    checked = config
+    if storage_blocks(config):
+        from prefect_rayllm.tasks.blocks import with_storage_credentials
+
+        checked = with_storage_credentials(config)
+    check_job(kind, checked)
+    check_resume(kind, checked, overwrite)
+    if getattr(config, "ray_block", None):
+        from prefect_rayllm.tasks.blocks import connect_ray_block
+        from prefect_rayllm.tasks.runtime import ray_worker_env
+
+        connect_ray_block(config.ray_block, env_vars=ray_worker_env())  # the flow's own start then reuses it
     return config

@@ -125,21 +125,22 @@ def evaluate(
     except ConfigError:
         raise
     except Exception:
-        _print_verdicts(config.output, config.storage_options)  # the gate's table, when it got that far
+        _print_verdicts(config)  # the gate's table, when it got that far
         raise
-    _print_verdicts(config.output, config.storage_options)
+    _print_verdicts(config)
     console.print(f"[green]{'passed' if result.passed else 'gate failed (fail_flow is off)'}[/]")
     for name, url in result.outputs.items():
         if not name.startswith("plot:"):
             typer.echo(f"{name}: {url}")
 
 
-def _print_verdicts(output: str, storage_options: dict) -> None:
+def _print_verdicts(config: Any) -> None:
     """The per-target summary and gate of the run's metrics.json, if it got that far."""
+    from prefect_rayllm.rayllm_stages.config.base import with_credentials
     from prefect_rayllm.rayllm_stages.evaluation.run import EvaluationResult
     from prefect_rayllm.rayllm_stages.io.storage import Location
 
-    metrics = Location(output, storage_options).child("metrics.json")
+    metrics = Location(config.output, with_credentials(config).storage_options).child("metrics.json")
     if not metrics.exists():
         return
     result = EvaluationResult.model_validate(metrics.read_json())

@@ -25,7 +25,8 @@ def validate(
         help="An input or model folder that is not there (or not reachable from here) is an error, not a warning.",
     ),
 ) -> None:
-    """Check a job config of any kind and its input; starts nothing.
+    """Check a job config of any kind and its input; starts nothing (a config naming a storage block
+    reads it from Prefect's API).
 
     Batch, chain, evaluation, curation or rollout (told from the keys, or --kind): the keys and
     values, then the input as `rayllm <job>` checks it before it starts Ray, Prefect or an engine.
@@ -34,13 +35,17 @@ def validate(
 
     Exit code 0: valid; 2: a bad key (named, with its line), an unfit input (or, with --strict, a missing one).
     """
-    from prefect_rayllm.rayllm_stages.config.base import InputUnavailable
+    from prefect_rayllm.rayllm_stages.config.base import InputUnavailable, storage_blocks
     from prefect_rayllm.rayllm_stages.jobs.kinds import check_job, load_job_config
 
     found, config = load_job_config(config_file, kind.value if kind else None)
     if not check_input:
         typer.echo(f"ok: {config_file} is a valid {found} config (input not checked)")
         return
+    if storage_blocks(config):  # the input is read with the block's credentials: Prefect's API is asked for them
+        from prefect_rayllm.tasks.blocks import with_storage_credentials
+
+        config = with_storage_credentials(config)
     try:
         summary = check_job(found, config, count=True)
     except InputUnavailable as exc:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_validator
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
@@ -36,6 +37,15 @@ class JobConfig(StrictModel):
     """
 
     ray_address: str | None = Field(None, description="None: local Ray; 'auto' or ray://host:10001 for a cluster")
+    ray_block: str | None = Field(
+        None, min_length=1, description="name of a Prefect 'RayLLM Ray Connection' block: address, namespace, runtime_env"
+    )
+
+    @model_validator(mode="after")
+    def _one_ray_source(self) -> JobConfig:
+        if self.ray_address is not None and self.ray_block is not None:
+            raise ValueError("give ray_address or ray_block, not both")
+        return self
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
@@ -52,13 +62,25 @@ class JobConfig(StrictModel):
         return json_schema
 
 
+def storage_block_field() -> Any:
+    """The `storage_block` field of every model that has `storage_options`: the Prefect layer
+    (`tasks.blocks.with_storage_credentials`) fills the options in memory when the job runs."""
+    return Field(
+        None,
+        min_length=1,
+        description="name of a Prefect 'RayLLM S3 Credentials' block; its options are added to storage_options when "
+        "the job runs (the secret stays in the block, out of parameters, logs and outputs)",
+    )
+
+
 class OutputJobConfig(JobConfig):
     """A job that writes to an output folder and commits its work there as it goes (so it resumes)."""
 
     output: str = Field(description="fsspec URL of the output folder")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for the job's files (e.g. client_kwargs.endpoint_url)"
+        default_factory=dict, repr=False, description="fsspec options for the job's files (e.g. client_kwargs.endpoint_url)"
     )
+    storage_block: str | None = storage_block_field()
     commit_every_rows: int = Field(500, ge=1, description="rows per committed part file: the most a crash can lose")
 
 
@@ -73,6 +95,48 @@ class RowJobConfig(OutputJobConfig):
 
 
 _JOB_BASES = (JobConfig, OutputJobConfig, RowJobConfig)
+
+M = TypeVar("M", bound=BaseModel)
+_credentials_resolver: Callable[[Any], Any] | None = None
+
+
+def set_credentials_resolver(resolver: Callable[[M], M] | None) -> None:
+    """Install what turns a config's `storage_block` names into `storage_options` (the Prefect layer,
+    `tasks.blocks`, installs its block loader on import; this layer never imports Prefect)."""
+    global _credentials_resolver
+    _credentials_resolver = resolver
+
+
+def with_credentials(config: M) -> M:
+    """`config` with the storage options of every block it names, as a copy held in memory only;
+    `config` itself when it names none.
+
+    Raises:
+        ConfigError: a block is named but no resolver is installed (or the resolver's own error:
+            a block that does not exist).
+    """
+    if _credentials_resolver is not None:
+        return _credentials_resolver(config)
+    named = storage_blocks(config)
+    if named:
+        raise ConfigError(
+            f"{named[0][0]}: the storage block {named[0][1]!r} is read through Prefect; import prefect_rayllm.tasks.blocks"
+        )
+    return config
+
+
+def storage_blocks(model: BaseModel, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, block name) of every `storage_block` set in `model`, at any depth."""
+    found: list[tuple[str, str]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name == "storage_block" and value:
+            found.append((f"{prefix}storage_block", value))
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                found.extend(storage_blocks(item, f"{prefix}{name}{f'[{i}]' if isinstance(value, list) else ''}."))
+    return found
 
 
 def format_validation_error(

@@ -45,8 +45,11 @@ class CurationConfig(OutputJobConfig):
 
     @model_validator(mode="after")
     def _fetch_uses_source_credentials(self) -> CurationConfig:
-        if not self.fetch.storage_options and self.source.storage_options:
-            self.fetch = self.fetch.model_copy(update={"storage_options": self.source.storage_options})
+        fetch, source = self.fetch, self.source
+        if not fetch.storage_options and not fetch.storage_block and (source.storage_options or source.storage_block):
+            self.fetch = fetch.model_copy(
+                update={"storage_options": source.storage_options, "storage_block": source.storage_block}
+            )
         return self
 
     def resume_fingerprint(self) -> dict[str, Any]:

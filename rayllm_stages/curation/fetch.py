@@ -29,7 +29,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 from pydantic import Field
 
-from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.config.base import StrictModel, storage_block_field
 
 FETCH_COLUMNS = ("uri", "image_bytes", "fetch_error", "fetch_attempts")
 
@@ -50,7 +50,8 @@ BUG_ERRORS: tuple[type[BaseException], ...] = (TypeError, AttributeError, NameEr
 class FetchConfig(StrictModel):
     """How the fetch stage reads objects."""
 
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the URIs")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, description="fsspec options for the URIs")
+    storage_block: str | None = storage_block_field()
     max_concurrency: int = Field(32, ge=1, le=1024, description="reads in flight per worker")
     max_attempts: int = Field(5, ge=1, le=50, description="attempts per object, the first included")
     backoff_base_s: float = Field(0.05, ge=0.0, description="first retry waits up to this (full jitter)")

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import StrictModel
+from prefect_rayllm.rayllm_stages.config.base import StrictModel, storage_block_field
 from prefect_rayllm.rayllm_stages.io.storage import Location
 
 
@@ -28,7 +28,8 @@ class ImageSourceConfig(StrictModel):
     include: list[str] = Field(default_factory=list, description="globs; an image is kept if any matches (empty: all)")
     exclude: list[str] = Field(default_factory=list, description="globs; an image is dropped if any matches")
     limit: int | None = Field(None, ge=1, description="stop after this many URIs")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, description="fsspec options for the source")
+    storage_block: str | None = storage_block_field()
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageSourceConfig:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from prefect_rayllm.rayllm_stages.config.base import OutputJobConfig, StrictModel
+from prefect_rayllm.rayllm_stages.config.base import OutputJobConfig, StrictModel, storage_block_field
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec, PromptTemplate, SamplingParams
 from prefect_rayllm.rayllm_stages.evaluation.metrics import JudgeMetric, MetricSpec, check_metric_names
 from prefect_rayllm.rayllm_stages.evaluation.stats import BootstrapConfig, GateConfig, check_gate_metrics
@@ -63,7 +63,8 @@ class BaselineConfig(StrictModel):
     scores: str | None = Field(None, description="fsspec URL of a previous run's scores.jsonl")
     last_run: bool = Field(False, description="the scores of the last run of this evaluation that passed its gate")
     target: str | None = Field(None, description="another target of this run (e.g. the current endpoint)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    storage_block: str | None = storage_block_field()
 
     @model_validator(mode="after")
     def _one_source(self) -> BaselineConfig:

@@ -82,7 +82,9 @@ def answer_chain_config(config: EvaluationConfig, target: EvalTarget) -> ChainJo
         ],
         max_error_rate=1.0,  # a failed example is a score, not a reason to stop
         ray_address=config.ray_address,
+        ray_block=config.ray_block,
         storage_options=config.storage_options,
+        storage_block=config.storage_block,
         commit_every_rows=config.commit_every_rows,
     )
 
@@ -110,7 +112,9 @@ def judge_chain_config(config: EvaluationConfig, target: EvalTarget) -> ChainJob
         ],
         max_error_rate=1.0,
         ray_address=config.ray_address,
+        ray_block=config.ray_block,
         storage_options=config.storage_options,
+        storage_block=config.storage_block,
         commit_every_rows=config.commit_every_rows,
     )
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from prefect_rayllm.rayllm_stages.config.base import ConfigError
+from prefect_rayllm.rayllm_stages.config.base import ConfigError, with_credentials
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 from prefect_rayllm.rayllm_stages.io.batch_input import RowError
 from prefect_rayllm.rayllm_stages.io.storage import Location
@@ -132,7 +132,7 @@ class ResumableJob:
     incremental: ClassVar[bool] = False  # finalize on every run over the input as listed now; keep the log
 
     def __init__(self, config: Any):
-        self.config = config
+        self.config = config = with_credentials(config)  # a storage_block's options, in memory only
         self.output = Location(config.output, config.storage_options)
         self.log = RunLog(self.output)
         self.manifest_file = self.output.child("manifest.json")
