@@ -44,7 +44,7 @@ def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationRes
         `gate.fail_flow` is true (the default) the flow run fails after writing everything,
         so a rollout or an automation can depend on it.
     """
-    connect_ray(config.ray_address)
+    connect_ray(config.ray_address, config.ray_block)
     check_evaluation_input(config)
     for target in config.targets:
         _run_chain(answer_chain_config(config, target), overwrite)

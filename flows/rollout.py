@@ -83,7 +83,7 @@ def rollout_endpoint(config: RolloutConfig) -> RolloutReport:
 
 def _roll_out(config: RolloutConfig) -> RolloutReport:
     logger = get_run_logger()
-    connect_ray(config.ray_address)
+    connect_ray(config.ray_address, config.ray_block)
     plan = plan_rollout(config)
     report = RolloutReport(
         endpoint=config.endpoint,

@@ -60,7 +60,7 @@ def current_flow_run_id() -> str | None:
 
 def run_lifecycle(config: Any, overwrite: bool, *, prepare: Callable, run: Callable, finalize: Callable) -> Manifest:
     """Connect Ray, prepare (start, resume or refuse), run unless already complete, finalize."""
-    connect_ray(config.ray_address)
+    connect_ray(config.ray_address, config.ray_block)
     preparation = prepare(config, overwrite)
     execution = None if preparation.already_complete else run(config)
     return finalize(config, execution, current_flow_run_id())
