@@ -19,6 +19,11 @@ import yaml
 PREFECT_FILE = Path(__file__).resolve().parent / "prefect.yaml"
 PROJECT_ROOT = PREFECT_FILE.parent.parent
 RETRY_ENV = ("PREFECT_FLOWS_DEFAULT_RETRIES", "PREFECT_FLOWS_DEFAULT_RETRY_DELAY_SECONDS")
+# The example inputs the deployments' parameters read ship in the package, here; prefect.yaml names
+# the folder `{{ $RAYLLM_EXAMPLES }}`, filled in when deploying (from the environment, as Prefect does).
+EXAMPLES_DIR = PREFECT_FILE.parent / "examples"
+EXAMPLES_ENV = "RAYLLM_EXAMPLES"
+EXAMPLES_PLACEHOLDER = "{{ $" + EXAMPLES_ENV + " }}"
 
 
 @dataclass
@@ -55,13 +60,30 @@ class DeploymentSpec:
         return flow
 
 
+def examples_dir() -> str:
+    """The examples folder deployments point at: $RAYLLM_EXAMPLES, else the installed package's."""
+    return os.environ.get(EXAMPLES_ENV) or str(EXAMPLES_DIR)
+
+
+def fill_examples(value: Any, folder: str | None = None) -> Any:
+    """`value` with `{{ $RAYLLM_EXAMPLES }}` replaced by the examples folder, as `prefect deploy` does."""
+    if isinstance(value, dict):
+        return {k: fill_examples(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill_examples(v, folder) for v in value]
+    if isinstance(value, str) and EXAMPLES_PLACEHOLDER in value:
+        return value.replace(EXAMPLES_PLACEHOLDER, folder or examples_dir())
+    return value
+
+
 def load_project(prefect_file: str | Path = PREFECT_FILE) -> dict[str, Any]:
     """prefect.yaml as a mapping (anchors and `<<` merge keys resolved, as Prefect reads it)."""
     return yaml.safe_load(Path(prefect_file).read_text()) or {}
 
 
 def deployment_specs(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None) -> list[DeploymentSpec]:
-    """The deployments of `prefect_file`, optionally only those named (deployment or flow/deployment names).
+    """The deployments of `prefect_file`, optionally only those named (deployment or flow/deployment names),
+    with `{{ $RAYLLM_EXAMPLES }}` filled in (parameters and triggers) as `rayllm deploy` registers them.
 
     Raises:
         ValueError: a name matches no deployment (the known names are listed).
@@ -72,12 +94,12 @@ def deployment_specs(prefect_file: str | Path = PREFECT_FILE, names: list[str] |
             DeploymentSpec(
                 name=entry["name"],
                 entrypoint=entry["entrypoint"],
-                parameters=entry.get("parameters") or {},
+                parameters=fill_examples(entry.get("parameters") or {}),
                 tags=list(entry.get("tags") or []),
                 description=entry.get("description"),
                 schedules=list(entry.get("schedules") or []),
                 concurrency_limit=entry.get("concurrency_limit"),
-                triggers=list(entry.get("triggers") or []),
+                triggers=fill_examples(list(entry.get("triggers") or [])),
                 work_pool=entry.get("work_pool") or {},
             )
         )
@@ -137,7 +159,8 @@ def deploy(
     """Register the deployments against the configured Prefect API (PREFECT_API_URL).
 
     Creates the process work pool(s) first when missing, then runs `prefect --no-prompt deploy
-    --all --prefect-file <file>` from the project root, so that the flows' module entrypoints import.
+    --all --prefect-file <file>` from the project root, so that the flows' module entrypoints import,
+    with RAYLLM_EXAMPLES set (default: the package's examples folder) for the parameters' inputs.
 
     Raises:
         RuntimeError: no Prefect API is configured, or `prefect deploy` failed (its output is in the message).
@@ -155,10 +178,17 @@ def deploy(
     outcome = subprocess.run(
         prefect_deploy_command(prefect_file, names, pool),
         cwd=PROJECT_ROOT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, EXAMPLES_ENV: examples_dir(), **(env or {})},
         capture_output=True,
         text=True,
     )
     if outcome.returncode != 0:
         raise RuntimeError(f"prefect deploy failed (exit {outcome.returncode}):\n{outcome.stdout}\n{outcome.stderr}")
     return outcome
+
+
+if __name__ == "__main__":
+    # `python -m prefect_rayllm.deployments.project examples`: the folder for RAYLLM_EXAMPLES.
+    if sys.argv[1:] != ["examples"]:
+        sys.exit("usage: python -m prefect_rayllm.deployments.project examples")
+    print(EXAMPLES_DIR)

@@ -4,10 +4,13 @@
 loaded, and puts the code it runs in the working directory. A local checkout (`checkout`, from
 `$RAYLLM_CHECKOUT` in prefect.yaml) wins: Prefect's `set_working_directory`. Otherwise Prefect's
 `git_clone` clones `repository` at `branch` (or `commit_sha`) and the run works in the clone.
+With neither, the run uses the installed package (this step is part of it) in the worker's
+working directory.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect.deployments.steps import git_clone, set_working_directory
@@ -33,18 +36,12 @@ def pull_code(
 
     Returns:
         `{"directory": <folder the flow runs in>}` (usable as `{{ <step id>.directory }}`).
-
-    Raises:
-        ValueError: neither a checkout nor a repository was given (both names are in the message).
     """
     if checkout:
         set_working_directory(checkout)
         return {"directory": checkout}
     if not repository:
-        raise ValueError(
-            "pull_code: no code to run. Set RAYLLM_CHECKOUT (a local checkout of this repository) or "
-            "RAYLLM_GIT_REPOSITORY (a git URL) in the worker's environment or the work pool's job variables"
-        )
+        return {"directory": os.getcwd()}  # the installed package; relative paths from where the worker runs
     cloned = git_clone(
         repository=repository,
         branch=branch or None,

@@ -23,12 +23,13 @@ import pytest
 import yaml
 from conftest import OPENAI_SERVER_KEY, REPO, openai_line
 
-from prefect_rayllm.deployments.project import PREFECT_FILE, deployment_specs, load_project
+from prefect_rayllm.deployments.project import PREFECT_FILE, deployment_specs, fill_examples, load_project
 from prefect_rayllm.rayllm_stages.config.base import load_config
 
 BIN = Path(sys.executable).parent
 EXAMPLES = {  # deployment -> the example config its parameters come from
     "batch": "batch-openai.yaml",
+    "chain": "chain-cpu.yaml",
     "nightly": "curate-s3.yaml",
     "weekly-candidate": "eval-candidate.yaml",
     "colours": "rollout-cpu.yaml",
@@ -96,10 +97,12 @@ def test_every_entrypoint_imports_and_its_parameters_pass_the_flow_schema():
 
 
 def test_parameters_are_the_example_configs():
+    raw = {entry["name"]: entry["parameters"] for entry in load_project()["deployments"]}
     for spec in deployment_specs():
         model = _config_model(spec.load_flow())
         example = load_config(model, REPO / "examples" / EXAMPLES[spec.name])
-        assert model.model_validate(_unparenthesise(spec.parameters["config"])) == example, spec.name
+        shipped = fill_examples(raw[spec.name]["config"], "./examples")  # examples/data is the package's folder
+        assert model.model_validate(_unparenthesise(shipped)) == example, spec.name
 
 
 def test_schedules_pool_concurrency_tags_and_trigger():
@@ -157,8 +160,8 @@ def test_pull_code_uses_the_checkout_else_clones(tmp_path, monkeypatch):
     cloned = pull_code(checkout="", repository=str(repo), branch="main")
     assert (Path.cwd() / "marker.txt").read_text() == "v1" and Path.cwd() != repo
     assert Path(cloned["directory"]).name
-    with pytest.raises(ValueError, match="RAYLLM_CHECKOUT .* or RAYLLM_GIT_REPOSITORY"):
-        pull_code(checkout="", repository="")
+    here = str(Path.cwd())
+    assert pull_code(checkout="", repository="") == {"directory": here} and str(Path.cwd()) == here  # the installed package
 
 
 def test_deploy_without_a_prefect_api_is_refused():
@@ -368,7 +371,7 @@ def test_ui_style_run_on_a_worker_with_artifacts_events_schedules_and_automation
         deployments = {f"{d.name}": d for d in client.read_deployments()}
         assert set(deployments) == set(EXAMPLES)
         crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
-        assert crons == {"batch": [], "nightly": ["0 2 * * *"], "weekly-candidate": ["0 6 * * 1"], "colours": []}
+        assert crons == {"batch": [], "chain": [], "nightly": ["0 2 * * *"], "weekly-candidate": ["0 6 * * 1"], "colours": []}
         for name in ("nightly", "weekly-candidate"):  # their next runs must not reach the test's worker
             client.pause_deployment(deployments[name].id)
         schema = deployments["batch"].parameter_openapi_schema
