@@ -116,7 +116,7 @@ def test_every_job_config_shares_the_job_fields(model, base) -> None:
         if name != "commit_every_rows":  # curation commits images, 256 at a time
             assert model.model_fields[name].default == field.default or field.is_required()
     properties = list(model.model_json_schema()["properties"])
-    assert properties[-1] == "ray_address"  # the shared fields come after the job's own in the UI's form
+    assert properties[-2:] == ["ray_address", "ray_block"]  # the shared fields come after the job's own in the UI's form
     if "input" in properties:
         assert properties[:2] == ["input", "output"]
 
