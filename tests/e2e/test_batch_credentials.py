@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import s3fs
+import yaml
 from conftest import openai_line
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -25,8 +26,10 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.settings import get_current_settings
+from typer.testing import CliRunner
 
 from prefect_rayllm.flows.batch import batch_inference
+from prefect_rayllm.flows.cli import app
 from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
 from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK
 from prefect_rayllm.tasks.blocks import S3Credentials
@@ -104,3 +107,38 @@ def test_batch_through_a_credentials_block_keeps_the_secret_out_of_prefect_and_o
     for what, text in shown.items():
         assert secret not in text, f"the secret key is in {what}"
         assert key_id not in text, f"the access key id is in {what}"
+
+
+@pytest.mark.slow
+def test_cli_batch_reads_and_writes_through_the_block_it_names(tmp_path, prefect_server, ray_session, tiny_models, local_s3):
+    """`rayllm batch` with `storage_block`: the input check before the run, the run and the output
+    all go through the block; the command prints neither the key id nor the secret."""
+    key_id = "AKIA" + uuid.uuid4().hex[:16].upper()
+    secret = "rayllm-secret-" + uuid.uuid4().hex
+    block_name = f"cli-s3-{uuid.uuid4().hex[:8]}"
+    S3Credentials(endpoint_url=local_s3.endpoint_url, aws_access_key_id=key_id, aws_secret_access_key=secret).save(block_name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(key=key_id, secret=secret, client_kwargs={"endpoint_url": local_s3.endpoint_url})
+    bucket = local_s3.create_bucket("cli-block")
+    with fs.open(f"{bucket}/requests.jsonl", "w") as handle:
+        handle.write("\n".join(openai_line(f"r{i}", TOY_TASK[i][0]) for i in range(4)) + "\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": f"{bucket}/requests.jsonl",
+                "output": f"{bucket}/run/",
+                "model": {"source": str(tiny_models["good"]), "engine_kwargs": {"max_model_len": 256}, "batch_size": 4},
+                "sampling": {"max_tokens": 8},
+                "storage_block": block_name,
+            }
+        )
+    )
+    outcome = CliRunner().invoke(app, ["batch", str(config), "--no-progress"])
+    assert outcome.exit_code == 0, outcome.output
+    assert secret not in outcome.output and key_id not in outcome.output
+    manifest = json.loads(fs.cat_file(f"{bucket}/run/manifest.json"))
+    assert manifest["counts"] == {**manifest["counts"], "total": 4, "completed": 4, "failed": 0}
+    for path in fs.find(f"{bucket}/run/"):
+        text = fs.cat_file(path).decode("utf-8", "replace")
+        assert secret not in text and key_id not in text, path
