@@ -11,7 +11,8 @@ What is here has no public Ray equivalent (Ray 2.60):
   and its OpenAI error type (the endpoint router reuses Ray's OpenAI front end whole);
 - calling a method on every replica of a deployment (`broadcast`), the Serve controller's actor
   name (whether Serve runs at all), the running Serve's HTTP port;
-- the stream of worker output Ray prints on the driver, the local node's session directory;
+- the stream of worker output Ray prints on the driver, the local node's session directory, the
+  package whose import takes the root logger over (imported alone, to keep that moment short);
 - the worker setup hook's environment variable and the vLLM stage module (`engine_hooks`).
 
 Every accessor first checks the installed Ray against the tested series (the `ray==` pin of
@@ -43,6 +44,7 @@ RAY_LOGGING = "ray._private.ray_logging"
 RAY_WORKER = "ray._private.worker"
 RAY_CONSTANTS = "ray._private.ray_constants"
 VLLM_ENGINE_STAGE = "ray.llm._internal.batch.stages.vllm_engine_stage"
+SERVE_LLM_PACKAGE = "ray.llm._internal.serve"
 
 # Module-level names used here (and by `engine_hooks`), for the check that each exists on this Ray.
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
@@ -178,6 +180,7 @@ def check_all(include_vllm_stage: bool = False) -> None:
             target = getattr(target, part)
         private_argument(target, argument)
     _check_ingress_state()
+    private_name(SERVE_LLM_PACKAGE)
     if include_vllm_stage:
         stage = private_name(VLLM_ENGINE_STAGE)
         private_member(private_member(stage, "vLLMEngineWrapper"), "_prepare_llm_request")
@@ -323,6 +326,17 @@ def worker_setup_hook_env_var() -> str:
     """The environment variable through which Ray runs a worker's setup hook (what
     `runtime_env={"worker_process_setup_hook": ...}` sets for a job)."""
     return str(private_name(RAY_CONSTANTS, "WORKER_PROCESS_SETUP_HOOK_ENV_VAR"))
+
+
+def import_serve_llm_package() -> None:
+    """Import `ray.llm._internal.serve`, the package under `ray.serve.llm`, and nothing more.
+
+    Its import replaces the root logger's handlers with Ray's JSON one at INFO; the caller puts the
+    root logger back right after. Importing `ray.serve.llm` instead would go on importing vLLM's
+    protocol models for seconds with Ray's handler in place, and another thread's INFO records
+    (an HTTP client's) would reach the console as JSON meanwhile.
+    """
+    private_name(SERVE_LLM_PACKAGE)
 
 
 def vllm_engine_stage() -> Any:

@@ -236,16 +236,20 @@ def forwarding_to(logger: logging.Logger | logging.LoggerAdapter) -> Iterator[Wo
 def keep_root_logging() -> None:
     """Import Ray Serve LLM now, keeping this process's root logger as it is.
 
-    Importing `ray.serve.llm` (as the Serve engine paths do)
+    Importing `ray.serve.llm` (as the Serve engine paths do) runs its package's setup, which
     replaces the root logger's handlers with one that writes JSON to stderr, and sets its level to
     INFO: every library's INFO records (HTTP requests included) then reach the console as JSON. It
-    does so once per process, so importing it here first, and putting the root logger back, keeps
-    the console as the application configured it. Without Ray Serve LLM installed it does nothing.
+    does so once per process, so importing that package here first, alone (the moment must be short:
+    other threads log meanwhile; `compat.ray_private.import_serve_llm_package`), and putting the root
+    logger back, keeps the console as the application configured it. Without Ray Serve LLM installed
+    it does nothing.
     """
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        import ray.serve.llm  # noqa: F401
+        ray_private.import_serve_llm_package()
+    except ray_private.RayCompatError:
+        raise
     except Exception:  # not installed, or not importable here: nothing takes the root logger over
         return
     finally:
