@@ -110,8 +110,9 @@ def publish_evaluation(config: EvaluationConfig, result: EvaluationResult) -> No
     )
     create_table_artifact(_verdict_rows(result), key=artifact_key("eval-verdict", output), description="Gate checks")
     for name, url in result.outputs.items():
-        if name.startswith("plot:"):
-            create_image_artifact(url, description=name[len("plot:") :])
+        link = _browser_url(config, url) if name.startswith("plot:") else None
+        if link is not None:
+            create_image_artifact(link, description=name[len("plot:") :])
     if result.passed:
         create_table_artifact(
             [{"scores": result.outputs["scores"], "metrics": result.outputs["metrics"]}],
@@ -153,6 +154,25 @@ def _verdict_rows(result: EvaluationResult) -> list[dict[str, Any]]:
         if not verdict.checks:
             rows.append({"target": target, "check": "(no gate)", "threshold": None, "value": None, "passed": True, "detail": ""})
     return rows
+
+
+PRESIGNED_URL_SECONDS = 7 * 24 * 3600
+
+
+def _browser_url(config: EvaluationConfig, url: str) -> str | None:
+    """A URL a browser can open for an image artifact: http(s) as it is, object storage presigned
+    (a week), None for a local file or a store that cannot sign (the report embeds the plot)."""
+    from prefect_rayllm.rayllm_stages.io.storage import Location
+
+    if url.startswith(("http://", "https://")):
+        return url
+    location = Location(url, with_storage_credentials(config).storage_options)
+    if location.is_local:
+        return None
+    try:
+        return str(location.fs.sign(location.path, expiration=PRESIGNED_URL_SECONDS))
+    except (NotImplementedError, AttributeError, ValueError):
+        return None
 
 
 def _embedded_plots(config: EvaluationConfig, result: EvaluationResult) -> str:
