@@ -242,3 +242,32 @@ def test_connect_ray_through_a_ray_connection_block(ray_head, prefect_server):
     result = json.loads(run.stdout.split("RESULT ", 1)[1])
     assert result["address"].endswith(":" + ray_head.rsplit(":", 1)[1]), result
     assert (result["namespace"], result["env"]) == ("rayllm-block-test", "yes")
+
+
+def test_validate_reads_the_input_through_the_block(tmp_path, prefect_server, local_s3):
+    name = _name("validate")
+    S3Credentials(endpoint_url=local_s3.endpoint_url, aws_access_key_id="AKIAVALIDATE", aws_secret_access_key="pw").save(name)
+    bucket = local_s3.create_bucket("validate-block")
+    line = json.dumps(
+        {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hi"}]},
+        }
+    )
+    with local_s3.filesystem().open(f"{bucket}/in.jsonl", "w") as handle:
+        handle.write(line + "\n")
+    config = tmp_path / "job.yaml"
+    job = {
+        "input": f"{bucket}/in.jsonl",
+        "output": f"{bucket}/out/",
+        "model": {"source": "m", "engine": "http", "base_url": "http://h/v1"},
+    }
+    config.write_text(yaml.safe_dump({**job, "storage_block": name}))
+    outcome = CliRunner().invoke(app, ["validate", str(config)])
+    assert outcome.exit_code == 0, outcome.output
+    assert "valid batch config;" in outcome.output and "input not checked" not in outcome.output
+    config.write_text(yaml.safe_dump({**job, "storage_block": "not-there"}))
+    outcome = CliRunner().invoke(app, ["validate", str(config)])
+    assert outcome.exit_code == 2 and "storage_block: no Prefect block rayllm-s3-credentials/not-there" in outcome.output
