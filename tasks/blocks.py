@@ -170,8 +170,7 @@ def connect_ray_block(name: str, env_vars: dict[str, str] | None = None, key: st
     from prefect_rayllm.rayllm_stages.runtime import worker_logs
 
     block: RayConnection = load_block(RayConnection, name, key)
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():  # a cluster's auth (a token, if any) is Ray's to find, as for ray_address
         runtime_env = dict(block.runtime_env)
         runtime_env["env_vars"] = {**(env_vars or {}), **runtime_env.get("env_vars", {})}
         ray.init(
