@@ -9,13 +9,13 @@ from prefect_rayllm.rayllm_stages.config.models import BatchJobConfig
 from prefect_rayllm.rayllm_stages.jobs.batch import BatchJob
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.batch import batch_job
-from prefect_rayllm.tasks.jobs import JOB_RESULT, run_cached_job
+from prefect_rayllm.tasks.jobs import FLOW_RESULT, run_cached_job
 from prefect_rayllm.tasks.reporting import ErrorRateExceeded, job_failed_hook, publish_batch_report
 
 __all__ = ["ErrorRateExceeded", "batch_inference"]
 
 
-@flow(name="batch-inference", validate_parameters=True, on_failure=[job_failed_hook("batch")], **JOB_RESULT)
+@flow(name="batch-inference", validate_parameters=True, on_failure=[job_failed_hook("batch")], **FLOW_RESULT)
 def batch_inference(config: BatchJobConfig, overwrite: bool = False) -> Manifest:
     """Run a batch job: check, resume or start, infer, write results, errors and the manifest.
 

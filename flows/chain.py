@@ -9,11 +9,11 @@ from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
 from prefect_rayllm.rayllm_stages.jobs.chain import ChainJob
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.chain import chain_job
-from prefect_rayllm.tasks.jobs import JOB_RESULT, run_cached_job
+from prefect_rayllm.tasks.jobs import FLOW_RESULT, run_cached_job
 from prefect_rayllm.tasks.reporting import job_failed_hook, publish_chain_report
 
 
-@flow(name="run-chain", validate_parameters=True, on_failure=[job_failed_hook("chain")], **JOB_RESULT)
+@flow(name="run-chain", validate_parameters=True, on_failure=[job_failed_hook("chain")], **FLOW_RESULT)
 def run_chain(config: ChainJobConfig, overwrite: bool = False) -> Manifest:
     """Run a text-curation chain (e.g. reformat -> answer -> score) with all steps overlapping.
 

@@ -10,11 +10,11 @@ from prefect_rayllm.flows.jobs import run_job
 from prefect_rayllm.rayllm_stages.curation.config import CurationConfig
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest
 from prefect_rayllm.tasks.curation import finalize_curation, prepare_curation, publish_curation_report, run_curation
-from prefect_rayllm.tasks.jobs import JOB_RESULT, run_lifecycle
+from prefect_rayllm.tasks.jobs import FLOW_RESULT, run_lifecycle
 from prefect_rayllm.tasks.reporting import job_failed_hook
 
 
-@flow(name="curate-images", validate_parameters=True, on_failure=[job_failed_hook("curation")], **JOB_RESULT)
+@flow(name="curate-images", validate_parameters=True, on_failure=[job_failed_hook("curation")], **FLOW_RESULT)
 def curate_images(config: CurationConfig, overwrite: bool = False) -> Manifest:
     """Curate images: fetch (retries), decode and check, caption and score with a VLM, filter, dedup.
 

@@ -18,7 +18,7 @@ from prefect_rayllm.tasks.evaluation import (
     score_target,
     write_evaluation,
 )
-from prefect_rayllm.tasks.jobs import JOB_RESULT
+from prefect_rayllm.tasks.jobs import FLOW_RESULT
 from prefect_rayllm.tasks.reporting import job_failed_hook
 from prefect_rayllm.tasks.runtime import connect_ray
 
@@ -29,7 +29,7 @@ from prefect_rayllm.tasks.runtime import connect_ray
     name="evaluate",
     validate_parameters=True,
     on_failure=[job_failed_hook("evaluation", key="name", unknown="unnamed")],
-    **JOB_RESULT,
+    **FLOW_RESULT,
 )
 def evaluate(config: EvaluationConfig, overwrite: bool = False) -> EvaluationResult:
     """Evaluate every target on the dataset; compare with the baseline; apply the gate.

@@ -45,7 +45,7 @@ from prefect_rayllm.tasks.endpoints import (
     smoke_test,
     wait_healthy,
 )
-from prefect_rayllm.tasks.jobs import JOB_RESULT
+from prefect_rayllm.tasks.jobs import FLOW_RESULT
 from prefect_rayllm.tasks.locks import endpoint_lock
 from prefect_rayllm.tasks.progress import report_step
 from prefect_rayllm.tasks.reporting import job_failed_hook
@@ -56,7 +56,7 @@ from prefect_rayllm.tasks.runtime import connect_ray
     name="rollout-endpoint",
     validate_parameters=True,
     on_failure=[job_failed_hook("rollout", key="endpoint", resource="endpoint")],
-    **JOB_RESULT,
+    **FLOW_RESULT,
 )
 def rollout_endpoint(config: RolloutConfig) -> RolloutReport:
     """Roll the candidate out to the endpoint, or leave the current version serving.

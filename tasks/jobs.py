@@ -31,6 +31,10 @@ from prefect_rayllm.tasks.runtime import connect_ray
 
 # What the job task is declared with: its manifest is kept as JSON (readable anywhere, small).
 JOB_RESULT: dict[str, Any] = dict(persist_result=True, result_serializer="json")
+# What the flows are declared with: their typed result persisted with Prefect's default serializer
+# (pickle). Not JSON: Prefect 3.7 stores a flow's result alone and reads a JSON file of a pydantic
+# model (`{"__class__": ..., "data": ...}`) back as its old record format, handing callers a dict.
+FLOW_RESULT: dict[str, Any] = dict(persist_result=True)
 
 
 @dataclass
