@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/rayllm demo
+	$(VENV)/bin/rayllm demo --ui
 
 # pytest's exit 5 (no tests collected) is a broken suite, not a pass.
 test: setup

@@ -100,8 +100,8 @@ def run_demo(workdir: Path, rows: int, console: Console) -> None:
         f"{curation.counts.errors_by_code}; datasets copied to {workdir / 'curation-1'}"
     )
     console.print(
-        "the flow runs' reports and summaries are artifacts in the Prefect UI (run `prefect server start` "
-        "first and set PREFECT_API_URL to keep them after the demo)"
+        "the flow runs' reports and summaries are artifacts in the Prefect UI (`rayllm demo --ui` keeps a local "
+        "server with them running after the demo)"
     )
 
 

@@ -61,13 +61,37 @@ def validate(
 def demo(
     workdir: Path = typer.Option(Path(".rayllm/demo"), help="Where the model and a copy of the outputs go."),
     rows: int = typer.Option(200, min=1, help="Requests in the sample batch file."),
+    ui: bool = typer.Option(
+        False, "--ui", help="Run against a local Prefect server that stays up afterwards (its database in WORKDIR/prefect)."
+    ),
+    ui_port: int = typer.Option(4200, help="--ui: the server's port (one already answering there is reused)."),
+    stop_ui: bool = typer.Option(False, "--stop-ui", help="Stop the server an earlier `--ui` started, and exit."),
 ) -> None:
     """Everything local: an S3 server on loopback, a tiny model, a sample batch file, the flow, the report."""
     from prefect_rayllm.flows.demo import run_demo
     from prefect_rayllm.flows.local import quiet_ray_logs
+    from prefect_rayllm.flows.ui_server import start_ui_server, stop_ui_server
 
+    home = workdir.resolve() / "prefect"
+    if stop_ui:
+        typer.echo("stopped the demo's Prefect server" if stop_ui_server(home) else "no demo Prefect server was running")
+        return
     quiet_ray_logs()
-    run_demo(workdir, rows=rows, console=console)
+    if not ui:
+        run_demo(workdir, rows=rows, console=console)
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, started = start_ui_server(home, ui_port)
+    console.print(f"Prefect server {'started' if started else 'already running'} at {url}")
+    with temporary_settings({PREFECT_API_URL: url}):
+        run_demo(workdir, rows=rows, console=console)
+    ui_url = url.removesuffix("/api")
+    console.print(
+        f"\n[bold]Open {ui_url}/runs[/]: the demo's flow runs (batch, evaluation, curation) with their "
+        f"artifacts (summary, report, contact sheet), task runs and logs. The server keeps running; "
+        f"stop it with `rayllm demo --stop-ui --workdir {workdir}`."
+    )
 
 
 @commands.command("make-tiny-model", rich_help_panel=LOCAL_TOOLS)
