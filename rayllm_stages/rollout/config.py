@@ -185,7 +185,8 @@ class RolloutConfig(JobConfig):
             raise ValueError("evaluation.output is required (each candidate version writes under it)")
         data["targets"] = [EvalTarget(name=CANDIDATE_TARGET, model=self.endpoint_spec(candidate_url))]
         data["output"] = f"{str(data.get('output', '')).rstrip('/')}/{version}"
-        data.setdefault("ray_address", self.ray_address)
+        if not data.get("ray_address") and not data.get("ray_block"):  # the rollout's own Ray, however it was named
+            data["ray_address"], data["ray_block"] = self.ray_address, self.ray_block
         gate = dict(data.get("gate") or {})
         gate["fail_flow"] = False
         data["gate"] = gate

@@ -108,3 +108,16 @@ def test_example_configs_are_valid():
     assert {p.name.split("-")[0] for p in paths} == set(kinds), paths
     for path in paths:
         assert load_config(kinds[path.name.split("-")[0]], path), path
+
+
+def test_a_rollouts_evaluation_reaches_ray_as_the_rollout_does():
+    from conftest import REPO
+
+    from prefect_rayllm.rayllm_stages.rollout.config import RolloutConfig
+
+    rollout = load_config(RolloutConfig, REPO / "examples" / "rollout-cpu.yaml")
+    through_block = rollout.model_copy(update={"ray_address": None, "ray_block": "gpu-cluster"})
+    evaluation = through_block.evaluation_config("http://127.0.0.1:8000/v1", "v2")
+    assert evaluation is not None and evaluation.ray_block == "gpu-cluster" and evaluation.ray_address is None
+    through_address = rollout.model_copy(update={"ray_address": "ray://head:10001", "ray_block": None})
+    assert through_address.evaluation_config("http://127.0.0.1:8000/v1", "v2").ray_address == "ray://head:10001"
