@@ -95,3 +95,33 @@ def test_a_manifest_rewritten_outside_the_cache_is_not_answered_from_it(tmp_path
     assert states["batch-job"] == ["Cached", "Completed"]  # the stale hit, then the job itself
     again, states = _run(config)
     assert again == manifest and states["batch-job"] == ["Cached"]
+
+
+def test_a_completed_chain_rerun_is_cached(tmp_path, prefect_server, ray_session):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from prefect_rayllm.flows.chain import run_chain
+    from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"cid": "", "colour": c}) + "\n" for c in ("red", "teal")))
+    step = {"model": {"source": "unused", "engine": "http", "base_url": "http://127.0.0.1:9/v1"}, "sampling": {"max_tokens": 4}}
+    config = ChainJobConfig.model_validate(
+        {
+            "input": str(tmp_path / "t.jsonl"),
+            "output": str(tmp_path / "chain"),
+            "id_column": "cid",  # every id is empty: each row is an input error, no engine runs
+            "steps": [{"name": "ask", "prompt": {"user": "{{ colour }}"}, "output_column": "answer", **step}],
+            "max_error_rate": 1.0,
+        }
+    )
+    names = []
+    for _ in range(2):
+        state = run_chain(config=config, return_state=True)
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+        names.append({run.name.rsplit("-", 1)[0]: run.state.name for run in runs}["chain-job"])
+        assert state.result().counts.errors_by_code == {"missing_id": 2}
+    assert names == ["Completed", "Cached"]
