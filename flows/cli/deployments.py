@@ -22,7 +22,7 @@ def deploy(
 ) -> None:
     """Register the deployments with the Prefect API (PREFECT_API_URL).
 
-    The deployments: batch, nightly curation, weekly evaluation, rollout and its automation,
+    The deployments: batch, chain, nightly curation, weekly evaluation, rollout and its automation,
     against the configured Prefect API (PREFECT_API_URL: a server or Prefect Cloud).
 
     Creates the process work pool if missing, then runs `prefect --no-prompt deploy --all
