@@ -224,3 +224,63 @@ def openai_server(tiny_models):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
         log.close()
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head node on loopback, (address, its temp dir); stopped by killing its own
+    session's processes only."""
+    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
+
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-")
+    port = _free_port()
+    subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            # Ports of our own: another Ray head on this machine (another test run) keeps its defaults.
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=8",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        timeout=120,
+    )
+    yield f"127.0.0.1:{port}", temp_dir
+    for proc in ray_runtime.session_processes(temp_dir):
+        for child in [proc, *proc.children(recursive=True)]:
+            try:
+                child.kill()
+            except Exception:
+                pass
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """The package's wheel, built once from a copy of the checkout (setuptools writes build/ and
+    *.egg-info into the source folder)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "src"
+    shutil.copytree(
+        REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", ".rayllm", "bench", "tests")
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    [wheel] = folder.glob("prefect_rayllm-*.whl")
+    return wheel

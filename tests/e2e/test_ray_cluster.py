@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,6 @@ import pytest
 import yaml
 from conftest import REPO, openai_line
 
-from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
 from prefect_rayllm.rayllm_stages.testing.tiny_models import TOY_TASK
 
 
@@ -26,42 +24,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head():
-    """A separate Ray head node; stopped by killing its own session's processes only."""
-    temp_dir = tempfile.mkdtemp(prefix="rayhead-")
-    port = _free_port()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            f"--port={port}",
-            # Ports of our own: another Ray head on this machine (another test run) keeps its defaults.
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=8",
-            f"--temp-dir={temp_dir}",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        timeout=120,
-    )
-    yield f"127.0.0.1:{port}", temp_dir
-    for proc in ray_runtime.session_processes(temp_dir):
-        for child in [proc, *proc.children(recursive=True)]:
-            try:
-                child.kill()
-            except Exception:
-                pass
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -52,20 +51,8 @@ def test_version_and_collection_entry_point() -> None:
 
 
 @pytest.mark.slow
-def test_wheel_has_one_top_level_namespace(tmp_path: Path) -> None:
-    # Built from a copy: setuptools writes build/ and *.egg-info into the source folder.
-    source = tmp_path / "src"
-    shutil.copytree(
-        REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", ".rayllm", "bench", "tests")
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    [wheel] = tmp_path.glob("prefect_rayllm-*.whl")
+def test_wheel_has_one_top_level_namespace(built_wheel: Path) -> None:
+    wheel = built_wheel
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"prefect_rayllm"}

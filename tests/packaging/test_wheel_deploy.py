@@ -10,33 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 DEPLOYMENTS = {"batch", "chain", "nightly", "weekly-candidate", "colours"}
-
-
-def _build_wheel(folder: Path) -> Path:
-    """As tests/packaging/test_namespace.py builds it: from a copy (setuptools writes into the source)."""
-    source = folder / "src"
-    shutil.copytree(
-        REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", ".rayllm", "bench", "tests")
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    [wheel] = folder.glob("prefect_rayllm-*.whl")
-    return wheel
 
 
 def _install(wheel: Path, venv: Path) -> Path:
@@ -68,14 +49,14 @@ def _paths(value) -> list[str]:
 
 
 @pytest.mark.slow
-def test_installed_wheel_deploys_every_deployment_with_working_parameters(tmp_path):
+def test_installed_wheel_deploys_every_deployment_with_working_parameters(tmp_path, built_wheel):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.utilities.schema_tools.validation import validate
 
     from prefect_rayllm.deployments.server import LocalPrefectServer
 
-    wheel = _build_wheel(tmp_path / "dist")
+    wheel = built_wheel
     venv = tmp_path / "venv"
     python = _install(wheel, venv)
     installed = subprocess.check_output(

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 
 import pytest
@@ -191,32 +190,6 @@ print("RESULT " + json.dumps(run()))
 """
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head node of this test's own (as tests/e2e/test_ray_cluster.py starts one); its processes killed after."""
-    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
-
-    temp_dir = tempfile.mkdtemp(prefix="rayhead-")
-    port = _free_port()
-    ports = [f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
-    subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={port}", *ports]
-        + [f"--dashboard-agent-grpc-port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
-        + [f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        timeout=120,
-    )
-    yield f"127.0.0.1:{port}"
-    for proc in ray_runtime.session_processes(temp_dir):
-        for child in [proc, *proc.children(recursive=True)]:
-            try:
-                child.kill()
-            except Exception:
-                pass
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -225,10 +198,9 @@ def _free_port() -> int:
 
 def test_connect_ray_through_a_ray_connection_block(ray_head, prefect_server):
     """A cluster named by a block: its address, namespace and runtime_env all reach Ray."""
+    address, _ = ray_head
     name = _name("cluster")
-    block = RayConnection(
-        address=ray_head, namespace="rayllm-block-test", runtime_env={"env_vars": {"RAYLLM_BLOCK_PROBE": "yes"}}
-    )
+    block = RayConnection(address=address, namespace="rayllm-block-test", runtime_env={"env_vars": {"RAYLLM_BLOCK_PROBE": "yes"}})
     block.save(name)
     run = subprocess.run(
         [sys.executable, "-c", PROBE, name],
@@ -240,7 +212,7 @@ def test_connect_ray_through_a_ray_connection_block(ray_head, prefect_server):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout.split("RESULT ", 1)[1])
-    assert result["address"].endswith(":" + ray_head.rsplit(":", 1)[1]), result
+    assert result["address"].endswith(":" + address.rsplit(":", 1)[1]), result
     assert (result["namespace"], result["env"]) == ("rayllm-block-test", "yes")
 
 
