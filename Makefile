@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-nightly test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Everything, the nightly-only tests and many generated examples included.
+test-nightly: setup
+	RAYLLM_NIGHTLY=1 RAYLLM_HYPOTHESIS_PROFILE=nightly $(PY) -m pytest
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

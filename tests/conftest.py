@@ -47,6 +47,20 @@ settings.register_profile("nightly", deadline=None, suppress_health_check=_slow_
 settings.load_profile(HYPOTHESIS_PROFILE)
 
 
+NIGHTLY = os.environ.get("RAYLLM_NIGHTLY") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.nightly` tests run only with RAYLLM_NIGHTLY=1 (`make test-nightly`): they
+    cover what faster tests already reach, at a scale or through a path that takes minutes."""
+    if NIGHTLY:
+        return
+    skip = pytest.mark.skip(reason="nightly: set RAYLLM_NIGHTLY=1 (make test-nightly)")
+    for item in items:
+        if "nightly" in item.keywords:
+            item.add_marker(skip)
+
+
 def examples(ci: int, nightly: int) -> int:
     """A property test's example count under the selected profile."""
     return nightly if HYPOTHESIS_PROFILE == "nightly" else ci
@@ -71,18 +85,26 @@ CONSOLE_ENV = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _console_env_restored():
-    """An in-process `rayllm` command sets its console format in this process's environment; put
-    it back after each test, or every later subprocess inherits it (a `--log-format text` child
-    then printed no INFO lines)."""
-    before = {name: os.environ.get(name) for name in CONSOLE_ENV}
-    yield
-    for name, value in before.items():
+CONSOLE_ENV_AT_START = {name: os.environ.get(name) for name in CONSOLE_ENV}
+
+
+def _restore_console_env() -> None:
+    for name, value in CONSOLE_ENV_AT_START.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _console_env_restored():
+    """An in-process `rayllm` command sets its console format in this process's environment, and
+    every later subprocess inherits it (a `--log-format text` child then printed no INFO lines).
+    Each test starts and ends with the environment the session started with: a session fixture
+    that ran the CLI (the tiny VLM's) before this test's setup is undone too."""
+    _restore_console_env()
+    yield
+    _restore_console_env()
 
 
 @pytest.fixture(scope="session")
