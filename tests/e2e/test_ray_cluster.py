@@ -72,6 +72,7 @@ def test_batch_runs_on_a_ray_cluster_through_ray_address(tmp_path, ray_head, tin
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # 9 to 10 minutes; rollout under load on the session's Ray runs in CI (test_rollout.py)
 def test_readme_cluster_rollout_under_client_load(tmp_path, ray_head, tiny_models):
     """The README's cluster rollout, as a new user runs it: `ray start --head`, then `rayllm rollout
     examples/rollout-cpu.yaml --ray-address ...` (no PREFECT_API_URL: each command starts its own
