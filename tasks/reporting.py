@@ -26,6 +26,7 @@ def artifact_key(kind: str, location: str) -> str:
 
 def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
     counts, throughput, latency = manifest.counts, manifest.throughput, manifest.throughput.latency_s
+    rates = steady(manifest)
     rows = [
         ("rows", counts.total),
         ("completed", counts.completed),
@@ -38,8 +39,8 @@ def batch_summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ("wall (s)", manifest.timings.wall_s),
         ("first result after (s)", manifest.timings.first_result_s),
         *[(f"engine: {step} first request after (s)", at) for step, at in engine_first_requests(manifest).items()],
-        ("steady rows/s (first result -> last)", steady(manifest)["rows_per_s"]),
-        ("steady output tokens/s", steady(manifest)["output_tokens_per_s"]),
+        ("steady rows/s (first result -> last)", rates["rows_per_s"]),
+        ("steady output tokens/s", rates["output_tokens_per_s"]),
         ("attempts (rows each)", ", ".join(str(int(a["rows"])) for a in manifest.attempts)),
         ("model", _model_label(manifest)),
     ]

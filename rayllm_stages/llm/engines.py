@@ -388,6 +388,8 @@ def engine_error_of(row: Mapping[str, Any]) -> RowFailure | None:
 # Preprocess tasks at once when they render prompts: each new worker process imports transformers
 # and loads the tokenizer (seconds of CPU); a few long-lived workers render thousands of rows/s.
 RENDER_CONCURRENCY = 4
+# Ray warns when a small input has fewer blocks than RENDER_CONCURRENCY: expected, not a problem.
+warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'Map\(_preprocess\)'")
 
 
 def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | None = None):
@@ -397,8 +399,6 @@ def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | 
     config = vllm_processor_config(
         spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores, images=step.images, rendered_prompts=rendered
     )
-    # Ray warns when a small input has fewer blocks than RENDER_CONCURRENCY: expected, not a problem.
-    warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'Map\(_preprocess\)'")
     return _processor(
         config,
         functools.partial(_vllm_preprocess, step=step, guard=renderer, rendered=rendered),
