@@ -11,6 +11,10 @@ and botocore `retries.total_max_attempts=1` (unless the caller set `config_kwarg
 each of our attempts is exactly one HTTP GET and `fetch_attempts` is the number of GETs made. The
 S3 filesystem is a private instance (`skip_instance_cache`) so that change never leaks into other
 users of s3fs in the same process.
+s3fs's `cat_file` also sends a HEAD before every GET when its `max_concurrency` is above 1 (the
+default is 10), to split objects larger than its block size into parallel ranged GETs. Images are
+far below that size, so the HEAD only doubles the requests, the signing and a round trip per
+object; we set `max_concurrency` to 1 (unless the caller set it): one request per attempt.
 One retry remains below us: aiohttp resends an idempotent GET once when a reused keep-alive
 connection turns out to be closed or reset, so a reset can cost two GETs for one attempt.
 """
@@ -81,13 +85,14 @@ def describe_error(error: BaseException) -> str:
 
 
 def s3_options_single_attempt(storage_options: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """s3fs options with s3fs and botocore retries off and timeouts set (see module docstring).
+    """s3fs options with s3fs and botocore retries off, no HEAD before each GET, timeouts set (see module docstring).
 
     Values the caller set explicitly win. The botocore connection pool is sized by the caller's
     concurrency in `FetchImages`, or requests would queue behind botocore's default of 10.
     """
     options = copy.deepcopy(storage_options)
     options["skip_instance_cache"] = True
+    options.setdefault("max_concurrency", 1)
     config_kwargs = options.setdefault("config_kwargs", {})
     config_kwargs.setdefault("retries", {"total_max_attempts": 1})
     config_kwargs.setdefault("connect_timeout", timeout_s)

@@ -184,6 +184,16 @@ def test_permanent_errors_are_not_retried_and_transient_ones_give_up(local_s3, c
         # One GET per attempt (s3fs and botocore retries are off); aiohttp alone may resend a GET
         # once when a reused keep-alive connection was reset.
         assert proxy.stats.object_gets == 3 if kind == "slowdown" else 3 <= proxy.stats.object_gets <= 6
+        assert proxy.stats.requests == proxy.stats.object_gets  # no HEAD before a GET
+
+
+def test_each_object_costs_one_request(local_s3, corpus):
+    """s3fs sends a HEAD before every `cat_file` GET unless its max_concurrency is 1; the fetch stage sets it."""
+    uris = corpus.uris("kept")[:5]
+    with S3Proxy(local_s3.endpoint_url) as proxy:
+        rows = in_batches(FetchImages(FetchConfig(storage_options=through(proxy.endpoint_url))), uris, 5)
+    assert [r["fetch_error"] for r in rows] == [""] * 5 and all(r["fetch_attempts"] == 1 for r in rows)
+    assert proxy.stats.requests == proxy.stats.object_gets == 5
 
 
 def test_proxy_passes_requests_through_and_adds_latency(local_s3, corpus):
