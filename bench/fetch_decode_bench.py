@@ -326,7 +326,9 @@ def report(r: dict[str, Any]) -> str:
 
     lines = [
         f"# Curation fetch+decode: {r['images']} web-size images ({r['mean_kib']:.0f} KiB mean), local moto S3, "
-        f"{r['cores']} cores, medians of {r['rounds']} round(s), 1-min load average {r['load_average']:.1f}, {r['date']}",
+        f"{r['cores']} cores, medians of {r['rounds']} round(s), 1-min load average {r['load_average']:.1f}, {r['date']}"
+        + (f"; through the proxy, +{r['latency_ms']:g} ms per request" if r.get("latency_ms") else "")
+        + ("; s3fs HEAD before each GET (as before)" if r.get("head_before_get") else ""),
         "",
         "| stage | wall s | images/s | images/s per core (cpu_count) | images per client CPU-s | "
         "client CPU ms/image | server CPU ms/image |",
@@ -356,17 +358,26 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench(images: int, **options: Any) -> dict[str, Any]:
-    """Start the S3 server process, upload `images` images, run `run_bench` (keyword `options`) over them."""
+def bench(images: int, latency_ms: float = 0.0, head_before_get: bool = False, **options: Any) -> dict[str, Any]:
+    """Start the S3 server process, upload `images` images, run `run_bench` (keyword `options`) over them.
+
+    With `latency_ms` the stages read through our latency proxy (in the server's process) instead of
+    from moto directly; `head_before_get` gives s3fs its default max_concurrency (10), which sends a
+    HEAD before every GET (the fetch stage sets 1): the fetch stage as it was before that change.
+    """
     from curation_bench import S3Side
 
-    s3 = S3Side(latency_ms=0)
+    s3 = S3Side(latency_ms=latency_ms)
     try:
-        storage_options = s3.options(through_proxy=False)
         started = time.perf_counter()
-        uris, _ = upload_corpus(storage_options, images)
+        uris, _ = upload_corpus(s3.options(through_proxy=False), images)
         print(f"uploaded {len(uris)} images in {time.perf_counter() - started:.1f} s", flush=True)
-        return run_bench(storage_options, uris, server_pid=s3.process.pid, **options)
+        storage_options = s3.options(through_proxy=latency_ms > 0)
+        if head_before_get:
+            storage_options["max_concurrency"] = 10
+        result = run_bench(storage_options, uris, server_pid=s3.process.pid, **options)
+        result.update(latency_ms=latency_ms, head_before_get=head_before_get)
+        return result
     finally:
         s3.close()
 
@@ -379,9 +390,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the four measurements (medians are shown)")
     parser.add_argument("--decode-threads", type=int, default=None, help="decode threads (default: os.cpu_count())")
     parser.add_argument("--output-format", choices=("PNG", "JPEG"), default="PNG", help="the decode stage's output_format")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="read through our proxy, which delays every request")
+    parser.add_argument("--head-before-get", action="store_true", help="s3fs's default HEAD before each GET (as before)")
     args = parser.parse_args()
     result = bench(
         args.images,
+        latency_ms=args.latency_ms,
+        head_before_get=args.head_before_get,
         concurrency=args.concurrency,
         batch=args.batch,
         rounds=args.rounds,
