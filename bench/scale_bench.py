@@ -63,10 +63,12 @@ GIB = 2**30
 # One engine per node: each node offers one `bench_engine` resource and each engine's placement
 # group asks for it, so the two engines land on the two nodes (two one-CPU bundles would otherwise
 # both fit, and usually pack, on the head). Concurrency (2, 2), not 2: Ray Data LLM reads an int n
-# as an autoscaling pool of 1..n, which on a small input never starts the second engine. 4 logical CPUs per node leave room beside the engine
-# for the read, the light map stages and the write, as the 8 of batch_bench's one-node Ray do.
+# as an autoscaling pool of 1..n, which on a small input never starts the second engine.
+# 6 logical CPUs per node: the peer's default chat-template, tokenize and detokenize stages run as
+# many one-CPU actors as there are engines, so its actors alone hold 8; with 4 per node the read
+# task never got a CPU and the peer hung. 12 leave room for the read, the maps and the write.
 NODES = 2
-NODE_CPUS = 4
+NODE_CPUS = 6
 NODE_OBJECT_STORE_BYTES = 2 * GIB  # of 23 GiB; Ray's default (30 % of RAM per node) would reserve 14 GiB for two
 ENGINE_RESOURCE = "bench_engine"
 CONCURRENCY = (NODES, NODES)
