@@ -24,6 +24,7 @@ def test_fetch_decode_bench_fetches_and_decodes_every_image():
     for figures in stages.values():
         assert figures["wall_s"] > 0 and figures["images_per_s"] > 0
         assert figures["per_core_machine"] == figures["images_per_s"] / result["cores"]
+        assert figures["per_cpu_s_with_server"] <= figures["per_client_cpu_s"]
         assert figures["client_cpu_s"] > 0 and not math.isnan(figures["server_cpu_s"])  # the server is its own process
     assert stages["fetch_threads"]["server_cpu_s"] > 0
     assert result["vs_img2dataset_machine"] == result["per_core_machine"] / 100
