@@ -154,41 +154,54 @@ def count_rows(config: BatchJobConfig, fmt: InputFormat) -> int:
 def _openai_batch_rows(source: Location, defaults: SamplingParams) -> Iterator[Request | RowError]:
     seen: dict[str, int] = {}
     for index, line in enumerate(_non_blank_lines(source)):
-        line_no = index + 1
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield RowError(index, None, "invalid_json", f"line {line_no}: not valid JSON ({exc.msg})", _excerpt(line))
-            continue
-        if not isinstance(record, dict):
-            yield RowError(index, None, "invalid_request", f"line {line_no}: must be a JSON object", _excerpt(line))
-            continue
-        custom_id = record.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            yield RowError(
-                index, None, "missing_custom_id", f"line {line_no}: custom_id must be a non-empty string", _excerpt(line)
-            )
-            continue
-        if custom_id in seen:
-            yield RowError(
-                index,
-                custom_id,
-                "duplicate_custom_id",
-                f"line {line_no}: custom_id {custom_id!r} is already used on line {seen[custom_id]}",
-            )
-            continue
-        seen[custom_id] = line_no
-        problem = _request_problem(record)
-        if problem:
-            code, message = problem
-            yield RowError(index, custom_id, code, f"line {line_no} ({custom_id}): {message}")
-            continue
-        body = record["body"]
-        sampling = _row_sampling(defaults, body)
-        if isinstance(sampling, str):
-            yield RowError(index, custom_id, "invalid_sampling", f"line {line_no} ({custom_id}): {sampling}")
-            continue
-        yield Request(index, custom_id, _plain_messages(body["messages"]), sampling)
+        key = batch_key(line)
+        earlier = seen.get(key) if key is not None else None
+        if key is not None and earlier is None:
+            seen[key] = index
+        yield batch_line(index, line, defaults, earlier)
+
+
+def batch_key(line: str) -> str | None:
+    """The custom_id of an OpenAI Batch line whose id is checked for repeats (None: no usable id)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    custom_id = record.get("custom_id") if isinstance(record, dict) else None
+    return custom_id if isinstance(custom_id, str) and custom_id else None
+
+
+def batch_line(index: int, line: str | None, defaults: SamplingParams, earlier: int | None = None) -> Request | RowError:
+    """One OpenAI Batch line (row `index`) as a `Request` or a `RowError`; `earlier`: the row that
+    already used its custom_id. `line` None: the line is not UTF-8."""
+    line_no = index + 1
+    if line is None:
+        return RowError(index, None, "invalid_encoding", f"line {line_no}: not valid UTF-8")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return RowError(index, None, "invalid_json", f"line {line_no}: not valid JSON ({exc.msg})", _excerpt(line))
+    if not isinstance(record, dict):
+        return RowError(index, None, "invalid_request", f"line {line_no}: must be a JSON object", _excerpt(line))
+    custom_id = record.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return RowError(index, None, "missing_custom_id", f"line {line_no}: custom_id must be a non-empty string", _excerpt(line))
+    if earlier is not None:
+        return RowError(
+            index,
+            custom_id,
+            "duplicate_custom_id",
+            f"line {line_no}: custom_id {custom_id!r} is already used on line {earlier + 1}",
+        )
+    problem = _request_problem(record)
+    if problem:
+        code, message = problem
+        return RowError(index, custom_id, code, f"line {line_no} ({custom_id}): {message}")
+    body = record["body"]
+    sampling = _row_sampling(defaults, body)
+    if isinstance(sampling, str):
+        return RowError(index, custom_id, "invalid_sampling", f"line {line_no} ({custom_id}): {sampling}")
+    return Request(index, custom_id, _plain_messages(body["messages"]), sampling)
 
 
 def _request_problem(record: dict[str, Any]) -> tuple[str, str] | None:
@@ -264,49 +277,86 @@ def _row_sampling(defaults: SamplingParams, body: dict[str, Any]) -> EngineSampl
 
 
 def _table_rows(source: Location, fmt: InputFormat, config: BatchJobConfig) -> Iterator[Request | RowError]:
-    assert config.prompt is not None
-    sampling = EngineSampling.from_params(config.sampling)
-    needed = sorted(set().union(*template_fields(config.prompt).values()))
+    render = TableRequests(config)
     for item in keyed_table_rows(source, fmt, config.id_column):
-        if isinstance(item, RowError):
-            yield item
-            continue
-        index, key, row = item
+        yield item if isinstance(item, RowError) else render(*item)
+
+
+class TableRequests:
+    """A keyed table row -> its `Request` (the prompt rendered) or why it cannot run; picklable, so
+    workers that read the input render there."""
+
+    def __init__(self, config: BatchJobConfig):
+        assert config.prompt is not None
+        self.prompt = config.prompt
+        self.sampling = EngineSampling.from_params(config.sampling)
+        self.needed = sorted(set().union(*template_fields(config.prompt).values()))
+
+    def __call__(self, index: int, key: str, row: dict[str, Any]) -> Request | RowError:
         where = f"row {index} ({key})"
-        empty = [name for name in needed if row.get(name) is None]
+        empty = [name for name in self.needed if row.get(name) is None]
         if empty:
-            yield RowError(index, key, "missing_field", f"{where}: field(s) {', '.join(map(repr, empty))} are null or missing")
-            continue
+            return RowError(index, key, "missing_field", f"{where}: field(s) {', '.join(map(repr, empty))} are null or missing")
         try:
-            messages = render_messages(config.prompt, row)
+            messages = render_messages(self.prompt, row)
         except TemplateError as exc:
-            yield RowError(index, key, "template_error", f"{where}: prompt template failed: {exc}")
-            continue
-        yield Request(index, key, messages, sampling, row=row)
+            return RowError(index, key, "template_error", f"{where}: prompt template failed: {exc}")
+        return Request(index, key, messages, self.sampling, row=row)
 
 
 def keyed_table_rows(
     source: Location, fmt: InputFormat, id_column: str | None
 ) -> Iterator[tuple[int, str, dict[str, Any]] | RowError]:
     """Table rows with their id (the id column, or the row index); bad or repeated ids are errors."""
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for index, row in _table_records(source, fmt):
         if isinstance(row, RowError):
             yield row
             continue
-        if id_column is None:
-            yield index, str(index), row
-            continue
-        value = row.get(id_column)
-        if value is None or value == "":
-            yield RowError(index, None, "missing_id", f"row {index}: column {id_column!r} is empty")
-            continue
-        key = str(value)
-        if key in seen:
-            yield RowError(index, key, "duplicate_id", f"row {index}: id {key!r} appears more than once")
-            continue
-        seen.add(key)
-        yield index, key, row
+        key = row_key(row, id_column, index)
+        earlier = seen.get(key) if key is not None and id_column is not None else None
+        if key is not None and earlier is None:
+            seen[key] = index
+        yield keyed_row(index, row, id_column, earlier)
+
+
+def row_key(row: dict[str, Any], id_column: str | None, index: int) -> str | None:
+    """A table row's id: the id column's value as text (None when empty), or the row index."""
+    if id_column is None:
+        return str(index)
+    value = row.get(id_column)
+    return None if value is None or value == "" else str(value)
+
+
+def table_key(line: str, id_column: str) -> str | None:
+    """The id of a JSON Lines table line, for the repeat check (None: no usable id)."""
+    record = table_record(0, line)
+    return None if isinstance(record, RowError) else row_key(record, id_column, 0)
+
+
+def keyed_row(
+    index: int, row: dict[str, Any], id_column: str | None, earlier: int | None = None
+) -> tuple[int, str, dict[str, Any]] | RowError:
+    """A table row with its id, or why its id is unusable (`earlier`: the row that already has it)."""
+    key = row_key(row, id_column, index)
+    if key is None:
+        return RowError(index, None, "missing_id", f"row {index}: column {id_column!r} is empty")
+    if earlier is not None:
+        return RowError(index, key, "duplicate_id", f"row {index}: id {key!r} appears more than once (first at row {earlier})")
+    return index, key, row
+
+
+def table_record(index: int, line: str | None) -> dict[str, Any] | RowError:
+    """One JSON Lines table line (row `index`) as its record, or why it is not one."""
+    if line is None:
+        return RowError(index, None, "invalid_encoding", f"line {index + 1}: not valid UTF-8")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return RowError(index, None, "invalid_json", f"line {index + 1}: not valid JSON ({exc.msg})", _excerpt(line))
+    if not isinstance(record, dict):
+        return RowError(index, None, "invalid_row", f"line {index + 1}: must be a JSON object", _excerpt(line))
+    return record
 
 
 def check_table_input(config: Any) -> InputFormat:
@@ -331,25 +381,18 @@ def _checked_table_columns(config: Any, source: Location, fmt: InputFormat) -> l
 
 def _table_records(source: Location, fmt: InputFormat) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        index = 0
-        with source.open("rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
-                for record in batch.to_pylist():
-                    yield index, record
-                    index += 1
+        yield from enumerate(parquet_records(source))
         return
     for index, line in enumerate(_non_blank_lines(source)):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield index, RowError(index, None, "invalid_json", f"line {index + 1}: not valid JSON ({exc.msg})", _excerpt(line))
-            continue
-        if not isinstance(record, dict):
-            yield index, RowError(index, None, "invalid_row", f"line {index + 1}: must be a JSON object", _excerpt(line))
-            continue
-        yield index, record
+        yield index, table_record(index, line)
+
+
+def parquet_records(source: Location) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    with source.open("rb") as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
 
 
 def _non_blank_lines(source: Location) -> Iterator[str]:

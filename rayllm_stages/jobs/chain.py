@@ -11,18 +11,30 @@ are saved as they stream by, so a rerun after a crash in step 2 starts those row
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect_rayllm.rayllm_stages.config.base import ConfigError
 from prefect_rayllm.rayllm_stages.config.models import ChainJobConfig
-from prefect_rayllm.rayllm_stages.io.batch_input import RowError, check_table_input, count_rows, keyed_table_rows, table_columns
+from prefect_rayllm.rayllm_stages.io.batch_input import (
+    RowError,
+    check_table_input,
+    count_rows,
+    keyed_row,
+    keyed_table_rows,
+    table_columns,
+    table_key,
+    table_record,
+)
 from prefect_rayllm.rayllm_stages.io.batch_output import ROW_ID_FIELD, TableFormat, json_line
+from prefect_rayllm.rayllm_stages.io.input_shards import Shard, shard_lines
 from prefect_rayllm.rayllm_stages.io.storage import Location
-from prefect_rayllm.rayllm_stages.jobs.lifecycle import InputRow, LLMJob, _to_arrow, rows_per_block
+from prefect_rayllm.rayllm_stages.jobs.lifecycle import InputRow, LLMJob, RowFinisher, rows_per_block
 from prefect_rayllm.rayllm_stages.jobs.run_log import PartWriter, RunLog, read_part
+from prefect_rayllm.rayllm_stages.jobs.worker_io import to_table
 from prefect_rayllm.rayllm_stages.llm.engines import LIGHT_MAP_KWARGS, cpu_core_sets
 from prefect_rayllm.rayllm_stages.llm.prompts import template_fields
 from prefect_rayllm.rayllm_stages.llm.rows import EngineSampling, RowFailure, failure_of
@@ -100,15 +112,14 @@ class ChainJob(LLMJob):
     def block_rows(self) -> int:
         return rows_per_block(min(s.model.batch_size for s in self.config.steps))
 
-    def formatter(self, input_format: str) -> ChainFormat:
-        return ChainFormat()
+    def finisher(self, input_format: str) -> RowFinisher:
+        return RowFinisher(ChainFormat(), per_step=True)
 
-    def input_rows(self, input_format: str) -> Iterator[InputRow | RowError]:
-        resumed = self.resume_points()
-        source = Location(self.config.input, self.config.storage_options)
-        for item in keyed_table_rows(source, input_format, self.config.id_column):
-            if isinstance(item, RowError) or item[0] not in resumed:
-                yield item if isinstance(item, RowError) else _chain_row(*item)
+    def shard_reader(self, input_format: str) -> ChainRows:
+        return ChainRows(self.config, input_format)
+
+    def row_key_of(self, input_format: str) -> Callable[[str], str | None] | None:
+        return functools.partial(table_key, id_column=self.config.id_column) if self.config.id_column else None
 
     def resume_points(self) -> dict[int, tuple[int, InputRow]]:
         """Rows whose output of some step is saved but which are not finished: index -> (next step, row)."""
@@ -129,13 +140,12 @@ class ChainJob(LLMJob):
             self._resume_points = points
         return self._resume_points
 
-    def has_resumed_rows(self) -> bool:
-        return bool(self.resume_points())
+    def resumed_rows(self) -> set[int]:
+        return set(self.resume_points())
 
-    def pipeline(self, refs: list[Any], attempt: int):
+    def pipeline(self, dataset: Any, attempt: int):
         import ray
 
-        dataset: ray.data.Dataset | None = ray.data.from_arrow_refs(refs) if refs else None
         by_step: dict[int, list[InputRow]] = {}
         for next_step, row in self.resume_points().values():
             by_step.setdefault(next_step, []).append(row)
@@ -144,7 +154,7 @@ class ChainJob(LLMJob):
         core_sets = dict(zip(in_process, cpu_core_sets(len(in_process)) or [], strict=False))
         for position, (spec, step) in enumerate(zip(self.config.steps, self.steps, strict=False)):
             if by_step.get(position):
-                joining = ray.data.from_arrow(_to_arrow(by_step[position]))
+                joining = ray.data.from_arrow(to_table(by_step[position]))
                 dataset = joining if dataset is None else dataset.union(joining)
             if dataset is None:
                 continue
@@ -154,7 +164,7 @@ class ChainJob(LLMJob):
             dataset = processor(dataset)
             if position < last:
                 dataset = dataset.map_batches(
-                    save_step_outputs,  # type: ignore[arg-type]
+                    save_step_outputs,
                     fn_kwargs={
                         "folder": self._step_log(position).parts.url,
                         "storage_options": self.config.storage_options,
@@ -166,22 +176,6 @@ class ChainJob(LLMJob):
                     **LIGHT_MAP_KWARGS,
                 )
         return dataset
-
-    def step_usage(self, row: dict[str, Any]) -> tuple[int, int, float | None]:
-        usage = json.loads(row.get("usage_json") or "{}")
-        latencies = [u["latency_s"] for u in usage.values() if u.get("latency_s") is not None]
-        return (
-            sum(u["in"] for u in usage.values()),
-            sum(u["out"] for u in usage.values()),
-            sum(latencies) if latencies else None,
-        )
-
-    def per_step_usage(self, row: dict[str, Any]) -> dict[str, dict[str, int]]:
-        return json.loads(row.get("usage_json") or "{}")
-
-    def failed_step(self, row: dict[str, Any]) -> str | None:
-        failure = failure_of(row)
-        return failure.step if failure else None
 
     def step_summaries(self, stats) -> list[dict[str, Any]]:
         summaries = []
@@ -212,6 +206,26 @@ class ChainJob(LLMJob):
     def after_finalize(self) -> None:
         super().after_finalize()
         self.output.child("_rayllm", "steps").remove()
+
+
+class ChainRows:
+    """A shard's input rows with their ids, as pipeline rows (picklable: the workers that read run it)."""
+
+    def __init__(self, config: ChainJobConfig, input_format: str):
+        self.config, self.input_format = config, input_format
+
+    def __call__(self, shard: Shard, first_index: int, earlier: dict[int, int]) -> Iterator[InputRow | RowError]:
+        for item in self._keyed(shard, first_index, earlier):
+            yield item if isinstance(item, RowError) else _chain_row(*item)
+
+    def _keyed(self, shard: Shard, first_index: int, earlier: dict[int, int]):
+        id_column = self.config.id_column
+        if self.input_format == "parquet":
+            yield from keyed_table_rows(shard.location, "parquet", id_column)  # one shard, read in order
+            return
+        for index, line in shard_lines(shard, first_index):
+            record = table_record(index, line)
+            yield record if isinstance(record, RowError) else keyed_row(index, record, id_column, earlier.get(index))
 
 
 def _chain_row(index: int, key: str, row: dict[str, Any]) -> InputRow:

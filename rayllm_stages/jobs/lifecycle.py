@@ -17,9 +17,10 @@ has done (`done_rows`), the work that yields finished rows (`work`), its output 
 (`output_files`) and how they and the manifest are written (`write_outputs`). An `incremental` job
 (curation) finalizes again on every run, over whatever its source lists now, and keeps its run log.
 
-`LLMJob` is the base of `BatchJob` and `ChainJob`: input rows (checked, done rows skipped) stream
-into a Ray Dataset, through the job's `ray.data.llm` processors, and back to the driver; finalize
-merges the parts into results.jsonl and errors.jsonl.
+`LLMJob` is the base of `BatchJob` and `ChainJob`: Ray workers read the input in shards (rows
+checked, done rows skipped), run them through the job's `ray.data.llm` processors and commit the
+finished rows as parts (`jobs.worker_io`); the driver sees one summary per block. Finalize merges
+the parts into results.jsonl and errors.jsonl.
 """
 
 from __future__ import annotations
@@ -34,10 +35,25 @@ from typing import Any, ClassVar
 from prefect_rayllm.rayllm_stages.config.base import ConfigError, with_credentials
 from prefect_rayllm.rayllm_stages.config.models import ModelSpec
 from prefect_rayllm.rayllm_stages.io.batch_input import RowError
+from prefect_rayllm.rayllm_stages.io.input_shards import SHARD_BYTES, Shard
 from prefect_rayllm.rayllm_stages.io.storage import Location
 from prefect_rayllm.rayllm_stages.jobs.manifest import Manifest, Timings, build_counts, build_throughput
 from prefect_rayllm.rayllm_stages.jobs.run_log import RunLog
-from prefect_rayllm.rayllm_stages.llm.engines import build_engine_processor, cluster_has_gpu, engine_error_of
+from prefect_rayllm.rayllm_stages.jobs.worker_io import (
+    LIGHT_TASK_CPUS,
+    Committed,
+    Finished,
+    InputRow,
+    any_runnable,
+    check_nodes_see,
+    commit_blocks,
+    committed_of,
+    input_error_of,
+    plan_reading,
+    read_dataset,
+)
+from prefect_rayllm.rayllm_stages.llm.engines import build_engine_processor, cluster_has_gpu
+from prefect_rayllm.rayllm_stages.llm.rows import failure_of
 from prefect_rayllm.rayllm_stages.runtime.engine_stats import EngineTraces
 
 logger = logging.getLogger(__name__)
@@ -47,16 +63,6 @@ ProgressCallback = Callable[[int, int], None]
 
 class ResumeRefused(ConfigError):
     """The output location holds a run with other settings."""
-
-
-@dataclass
-class InputRow:
-    """One input row ready for the pipeline: its columns of `llm.rows.ROW_SCHEMA` (`row_json`, and
-    `usage_json` when resumed); the rest take their defaults."""
-
-    index: int
-    key: str
-    columns: dict[str, Any]
 
 
 @dataclass
@@ -84,26 +90,12 @@ class Execution:
 
 
 @dataclass
-class Finished:
-    """One finished row as the run log commits it: a result line, or an error line with its code."""
-
-    index: int
-    line: str
-    error_code: str | None = None  # None: a result
-    failed_step: str | None = None  # where an error row failed (chains: the step; curation: the stage)
-    tokens_in: int = 0
-    tokens_out: int = 0
-    latency_s: float | None = None
-    step_usage: dict[str, dict[str, int]] | None = None  # chains: tokens per step
-
-
-@dataclass
 class Work:
     """What `execute` runs: how many rows the job has, how many are done, and the rest as they finish."""
 
     total: int
     done: int
-    rows: Iterable[Finished]
+    rows: Iterable[Finished | Committed]  # rows the driver commits, or blocks that workers committed
 
 
 class Progress:
@@ -116,9 +108,10 @@ class Progress:
         if self.callback:
             self.callback(self.finished, self.total)
 
-    def advance(self) -> None:
-        self.finished += 1
-        if self.finished % self.every == 0 or self.finished == self.total:
+    def advance(self, rows: int = 1) -> None:
+        before = self.finished
+        self.finished += rows
+        if self.finished // self.every > before // self.every or self.finished == self.total:
             self.report()
 
 
@@ -253,6 +246,13 @@ class ResumableJob:
         try:
             progress.report()
             for row in work.rows:
+                if isinstance(row, Committed):
+                    results += row.results
+                    errors += row.errors
+                    if row.results and first_result_at is None:
+                        first_result_at = time.time()
+                    progress.advance(row.rows)
+                    continue
                 if row.error_code is None:
                     writer.add_result(row.index, row.line, row.tokens_in, row.tokens_out, row.latency_s, row.step_usage)
                     results += 1
@@ -333,8 +333,9 @@ def attempt_seconds(attempts: list[dict[str, Any]]) -> float:
 
 
 def rows_per_block(batch_size: int) -> int:
-    """Small input blocks: Ray Data hands results back a block at a time, so block size is how
-    often rows reach the driver (progress, commits); two engine batches per block keeps it fine."""
+    """Small blocks: a block is what a worker commits as one part and reports in one summary, so
+    block size is how often progress moves and how much a crash can cost; two engine batches per
+    block keeps it fine."""
     return max(8, min(1024, 2 * batch_size))
 
 
@@ -342,8 +343,11 @@ class LLMJob(ResumableJob):
     """Base of `BatchJob` and `ChainJob`; `config` has input, output, storage_options,
     commit_every_rows, max_error_rate and `resume_fingerprint()`.
 
-    Subclasses say how the input is checked and read (`check_input`, `input_rows`, `count_rows`),
-    what the pipeline is (`pipeline`), and how rows are written (`formatter`).
+    Workers read the input and commit the finished rows (`jobs.worker_io`); the driver plans the
+    shards and counts what the workers committed. Subclasses say how the input is checked
+    (`check_input`, `count_rows`), how a shard's lines become rows (`shard_reader`, and `row_key_of`
+    for the repeated-id check), what the pipeline is (`pipeline`) and how a finished row is written
+    (`finisher`).
     """
 
     def __init__(self, config: Any, *, api_key: str | None = None):
@@ -356,37 +360,35 @@ class LLMJob(ResumableJob):
         self.engine_traces = EngineTraces()
 
     # -- what subclasses define ------------------------------------------------------------
-    def input_rows(self, input_format: str) -> Iterator[InputRow | RowError]:
+    def shard_reader(self, input_format: str) -> Callable[[Shard, int, dict[int, int]], Iterator[InputRow | RowError]]:
+        """A picklable callable: (shard, its first row index, repeated rows -> earlier row) -> its rows."""
         raise NotImplementedError
 
-    def pipeline(self, refs: list[Any], attempt: int):
-        """The processed Dataset for the input blocks `refs` (lazy)."""
+    def row_key_of(self, input_format: str) -> Callable[[str], str | None] | None:
+        """A picklable callable giving a line's id for the repeated-id check (None: ids do not repeat)."""
         raise NotImplementedError
 
-    def has_resumed_rows(self) -> bool:
-        """Chains: rows that join the pipeline at a later step (so it runs even without new input)."""
-        return False
+    def pipeline(self, dataset: Any, attempt: int):
+        """The processed Dataset for the input rows `dataset` (lazy; chains: None when only resumed
+        rows run)."""
+        raise NotImplementedError
 
-    def formatter(self, input_format: str):
+    def resumed_rows(self) -> set[int]:
+        """Chains: rows that join the pipeline at a later step (not read again from the input)."""
+        return set()
+
+    def finisher(self, input_format: str) -> Callable[[dict[str, Any]], Finished]:
         raise NotImplementedError
 
     def block_rows(self) -> int:
         raise NotImplementedError
 
+    def shard_bytes(self) -> int:
+        """The input's shard size: each shard is read by one worker task."""
+        return SHARD_BYTES
+
     def manifest_fields(self) -> dict[str, Any]:
         raise NotImplementedError
-
-    def step_usage(self, row: dict[str, Any]) -> tuple[int, int, float | None]:
-        """Tokens in, tokens out and latency of a result row."""
-        return row["num_input_tokens"], row["num_generated_tokens"], row.get("latency_s")
-
-    def per_step_usage(self, row: dict[str, Any]) -> dict[str, dict[str, int]] | None:
-        """Chains: tokens per step of a result row."""
-        return None
-
-    def failed_step(self, row: dict[str, Any]) -> str | None:
-        """Chains: the step an error row failed in."""
-        return None
 
     def step_summaries(self, stats) -> list[dict[str, Any]] | None:
         return None
@@ -430,50 +432,41 @@ class LLMJob(ResumableJob):
         return self.engine_traces.report({s.name: s.model for s in steps} if steps else {"batch": self.config.model})
 
     def work(self, job: dict[str, Any], attempt: int) -> Work:
-        done = self.log.done_indexes()
-        return Work(total=job["total_rows"], done=len(done), rows=self._finished_rows(job, done, attempt))
+        done = self.log.done_mask(job["total_rows"])
+        return Work(total=job["total_rows"], done=int(done.sum()), rows=self._committed_blocks(job, done, attempt))
 
-    def _finished_rows(self, job: dict[str, Any], done: set[int], attempt: int) -> Iterator[Finished]:
-        """Input errors as they are read; the other rows into blocks, through the pipeline, back."""
-        import ray
-
-        formatter = self.formatter(job["input_format"])
-        refs, buffer = [], []
-        block_rows = self.block_rows()
-        for item in self.input_rows(job["input_format"]):
-            if item.index in done:
-                continue
-            if isinstance(item, RowError):
-                yield Finished(item.index, formatter.input_error(item), error_code=item.code)
-                continue
-            buffer.append(item)
-            if len(buffer) == block_rows:
-                refs.append(ray.put(_to_arrow(buffer)))
-                buffer = []
-        if buffer:
-            refs.append(ray.put(_to_arrow(buffer)))
-        if not refs and not self.has_resumed_rows():
+    def _committed_blocks(self, job: dict[str, Any], done: Any, attempt: int) -> Iterator[Committed]:
+        """The rows not yet done, read, run and committed by workers; one summary per block."""
+        started_at = time.time()
+        total = job["total_rows"]
+        resumed = self.resumed_rows()
+        for index in resumed:
+            done[index] = True
+        dataset, runnable = None, False
+        if not done.all():
+            source = Location(self.config.input, self.config.storage_options)
+            check_nodes_see(source, self.log.job_file)
+            plan = plan_reading(source, self.row_key_of(job["input_format"]), self.shard_bytes())
+            if plan.total is not None and plan.total != total:
+                raise RuntimeError(f"{self.config.input} has {plan.total} rows now, {total} when the job started; it changed")
+            reader = self.shard_reader(job["input_format"])
+            logger.info("reading %s in %d shard(s) on the workers", self.config.input, len(plan.shards))
+            dataset = read_dataset(plan, reader, done, self.block_rows())
+            runnable = any_runnable(plan, reader, done)
+        if dataset is None and not resumed:
             return
-        for row in self.pipeline(refs, attempt).iter_rows():
-            self.engine_traces.observe(row.get("usage_json"))
-            error = engine_error_of(row)
-            if error:
-                line, code = formatter.engine_error(row, error)
-                yield Finished(row["row_index"], line, code, self.failed_step(row), step_usage=self.per_step_usage(row))
-            else:
-                tokens_in, tokens_out, latency = self.step_usage(row)
-                yield Finished(
-                    row["row_index"],
-                    formatter.result(row),
-                    tokens_in=tokens_in,
-                    tokens_out=tokens_out,
-                    latency_s=latency,
-                    step_usage=self.per_step_usage(row),
-                )
+        # Only input errors left: they are committed without starting any engine.
+        processed = self.pipeline(dataset, attempt) if runnable or resumed else dataset
+        finish = self.finisher(job["input_format"])
+        blocks = commit_blocks(processed, self.log.parts, attempt, finish, self.config.commit_every_rows, started_at)
+        for summary in blocks.iter_rows():
+            committed = committed_of(summary)
+            self.engine_traces.absorb(committed.traces)
+            yield committed
 
     def write_outputs(self, job: dict[str, Any], execution: Execution | None, flow_run_id: str | None) -> Manifest:
         """Merge the parts into results.jsonl and errors.jsonl; the manifest with counts and throughput."""
-        stats, attempts = self.log.merge(self.results_file, self.errors_file)
+        stats, attempts = merge_on_a_worker(self.log, self.results_file, self.errors_file)
         total = job["total_rows"]
         accounted = stats.results + stats.errors
         if accounted != total:
@@ -503,11 +496,52 @@ class LLMJob(ResumableJob):
         )
 
 
-def _to_arrow(rows: list[InputRow]):
-    """One input block, of the declared row schema (`llm.rows.ROW_SCHEMA`), whatever its rows hold."""
-    from prefect_rayllm.rayllm_stages.llm.rows import rows_table
+@dataclass
+class RowFinisher:
+    """A finished pipeline row -> the line the run log commits (picklable: workers run it).
 
-    return rows_table({"row_index": r.index, "row_key": r.key, **r.columns} for r in rows)
+    `per_step`: chains, whose rows carry usage per step and fail in a named step.
+    """
+
+    formatter: Any
+    per_step: bool = False
+
+    def __call__(self, row: dict[str, Any]) -> Finished:
+        index = int(row["row_index"])
+        problem = input_error_of(row)
+        if problem is not None:
+            return Finished(index, self.formatter.input_error(problem), error_code=problem.code)
+        usage = json.loads(row.get("usage_json") or "{}") if self.per_step else None
+        failure = failure_of(row)
+        if failure is not None:
+            line, code = self.formatter.engine_error(row, failure)
+            return Finished(index, line, code, failure.step if self.per_step else None, step_usage=usage)
+        if usage is not None:
+            latencies = [u["latency_s"] for u in usage.values() if u.get("latency_s") is not None]
+            tokens_in = sum(u["in"] for u in usage.values())
+            tokens_out = sum(u["out"] for u in usage.values())
+            latency = sum(latencies) if latencies else None
+        else:
+            tokens_in, tokens_out, latency = row["num_input_tokens"], row["num_generated_tokens"], row.get("latency_s")
+        return Finished(
+            index,
+            self.formatter.result(row),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            latency_s=latency,
+            step_usage=usage,
+        )
+
+
+def merge_on_a_worker(log: RunLog, results: Location, errors: Location):
+    """`RunLog.merge` in a Ray task when Ray is up, so the results do not pass through the flow
+    process (over Ray Client they would cross the network twice); in this process otherwise."""
+    import ray
+
+    if not ray.is_initialized():
+        return log.merge(results, errors)
+    merge = ray.remote(num_cpus=LIGHT_TASK_CPUS, max_retries=0)(RunLog.merge)
+    return ray.get(merge.remote(log, results, errors))
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:

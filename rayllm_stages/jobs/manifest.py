@@ -10,6 +10,7 @@ curation its `curation` section (the funnel, reasons, fetch retries, the contact
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ def package_versions() -> dict[str, str | None]:
     }
 
 
-def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
+def percentiles(values: Sequence[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
     if not values:
         return {f"p{p}": None for p in points}
     ordered = sorted(values)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,13 +44,16 @@ class PartStats:
     attempt_started_at: float | None = None
     last_written_at: float | None = None
 
-    def absorb(self, other: PartStats) -> None:
-        self.indexes.extend(other.indexes)
+    def absorb(self, other: PartStats, keep_rows: bool = True) -> None:
+        """Add `other`'s counts; `keep_rows`: its row indexes and latencies too (lists that grow with
+        the rows: a merge of a large run keeps them in compact arrays of its own instead)."""
+        if keep_rows:
+            self.indexes.extend(other.indexes)
+            self.latencies.extend(other.latencies)
         self.results += other.results
         self.errors += other.errors
         self.tokens_in += other.tokens_in
         self.tokens_out += other.tokens_out
-        self.latencies.extend(other.latencies)
         for code, count in other.error_codes.items():
             self.error_codes[code] = self.error_codes.get(code, 0) + count
         for name, counts in other.steps.items():
@@ -97,13 +101,13 @@ class RunLog:
         return found
 
     def committed_stats(self) -> PartStats:
-        """What the whole parts hold, summed. Read only: a part being written (or cut short) is
+        """What the whole parts hold, summed (counts only, no row indexes). Read only: a part being written (or cut short) is
         skipped, never deleted, so another process may call this while the job runs."""
         total = PartStats()
         for part in self.parts.list_files(".part"):
             stats = _read_header_if_complete(part)
             if stats is not None:
-                total.absorb(stats)
+                total.absorb(stats, keep_rows=False)
         return total
 
     def done_indexes(self) -> set[int]:
@@ -111,6 +115,16 @@ class RunLog:
         for _, stats in self.complete_parts():
             done.update(stats.indexes)
         return done
+
+    def done_mask(self, total: int):
+        """One bool per input row (numpy): True where a whole part holds it. A byte a row, so a
+        resumed job's driver stays small whatever the input's size."""
+        import numpy as np
+
+        mask = np.zeros(total, dtype=bool)
+        for _, stats in self.complete_parts():
+            mask[stats.indexes] = True
+        return mask
 
     def next_attempt(self) -> int:
         names = [p.path.rsplit("/", 1)[-1] for p in self.parts.list_files(".part")]
@@ -122,22 +136,32 @@ class RunLog:
     def merge(self, results: Location, errors: Location) -> tuple[PartStats, list[dict[str, float]]]:
         """Write all parts into the final results and errors files.
 
+        Memory stays small whatever the size: one byte per row marks the rows seen, latencies are
+        kept as an array of doubles, and parts are streamed line by line.
+
         Returns:
-            The parts' summed stats, and per attempt its rows and the seconds until its last commit.
+            The parts' summed stats (without row indexes), and per attempt its rows and the seconds
+            until its last commit.
         """
+        import numpy as np
+
         total = PartStats()
-        seen: set[int] = set()
+        latencies = array("d")
         parts = self.complete_parts()
+        seen = np.zeros(1 + max((max(stats.indexes) for _, stats in parts if stats.indexes), default=-1), dtype=bool)
+        attempts = summarize_attempts(stats for _, stats in parts)
         with results.open("w", encoding="utf-8") as out, errors.open("w", encoding="utf-8") as err:
             for part, stats in parts:
-                fresh = [i for i in stats.indexes if i not in seen]
-                if len(fresh) != len(stats.indexes):
+                indexes = np.asarray(stats.indexes, dtype=np.int64)
+                if seen[indexes].any() or np.unique(indexes).size != indexes.size:
                     raise RuntimeError(f"run log part {part} repeats rows already in an earlier part")
-                seen.update(fresh)
-                total.absorb(stats)
+                seen[indexes] = True
+                total.absorb(stats, keep_rows=False)
+                latencies.extend(stats.latencies)
                 for kind, line in part_lines(part):
                     (out if kind == RESULT else err).write(line + "\n")
-        return total, summarize_attempts(stats for _, stats in parts)
+        total.latencies = latencies  # type: ignore[assignment]  # a compact sequence of floats
+        return total, attempts
 
     def attempts(self) -> list[dict[str, float]]:
         """Per attempt: the rows its complete parts hold and the seconds from its start to its last commit."""
@@ -153,13 +177,13 @@ class RunLog:
 class PartWriter:
     """Buffers finished rows and commits them as whole part files."""
 
-    def __init__(self, folder: Location, attempt: int, commit_every_rows: int, token: str = ""):
+    def __init__(self, folder: Location, attempt: int, commit_every_rows: int, token: str = "", started_at: float | None = None):
         self.folder = folder
         self.attempt = attempt
         self.token = f"{token}-" if token else ""  # writers working at once need distinct names
         self.commit_every_rows = commit_every_rows
         self.sequence = 0
-        self.started_at = time.time()
+        self.started_at = started_at or time.time()  # the attempt's start (workers' writers: given)
         self._reset()
 
     def _reset(self) -> None:

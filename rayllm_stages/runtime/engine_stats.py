@@ -92,6 +92,11 @@ class _Buckets:
             self.whole[first + 1] += weight
             self.whole[last] -= weight
 
+    def absorb(self, other: _Buckets) -> None:
+        for mine, theirs in ((self.partial, other.partial), (self.whole, other.whole)):
+            for index, value in theirs.items():
+                mine[index] += value
+
     def averages(self, first: int, last: int) -> list[float]:
         """Mean value per bucket (integral / width) for buckets first..last."""
         out, level = [], 0.0
@@ -151,6 +156,17 @@ class EngineTrace:
             self.generated.add(first, first + span, output_tokens / span)
         self.max_num_seqs = max_num_seqs or self.max_num_seqs
         self.kv_capacity = kv_tokens or self.kv_capacity
+
+    def absorb(self, other: EngineTrace) -> None:
+        """Add another trace of the same engine (e.g. one block's, folded by a worker)."""
+        for name in ("running", "waiting", "kv_tokens", "generated"):
+            getattr(self, name).absorb(getattr(other, name))
+        self.requests += other.requests
+        self.tokens_out += other.tokens_out
+        self.extent.start = min(self.extent.start, other.extent.start)
+        self.extent.end = max(self.extent.end, other.extent.end)
+        self.max_num_seqs = other.max_num_seqs or self.max_num_seqs
+        self.kv_capacity = other.kv_capacity or self.kv_capacity
 
     def add_timing(self, timing: dict[str, Any], prompt_tokens: int, output_tokens: int) -> None:
         """One request from `engine_timing`'s dict."""
@@ -292,7 +308,8 @@ def efficiency(summary: dict[str, Any], roofline: dict[str, Any] | None) -> floa
 
 
 class EngineTraces:
-    """One `EngineTrace` per LLM step, fed from result rows' `usage_json` as they reach the driver."""
+    """One `EngineTrace` per LLM step, fed from result rows' `usage_json` (by the workers that commit
+    them, one trace per block, absorbed by the driver)."""
 
     def __init__(self) -> None:
         self.steps: dict[str, EngineTrace] = {}
@@ -309,6 +326,10 @@ class EngineTraces:
             if timing:
                 trace = self.steps.setdefault(step, EngineTrace())
                 trace.add_timing(timing, int(entry.get("in") or 0), int(entry.get("out") or 0))
+
+    def absorb(self, other: EngineTraces) -> None:
+        for step, trace in other.steps.items():
+            self.steps.setdefault(step, EngineTrace(trace.bucket_s)).absorb(trace)
 
     def report(self, models: dict[str, Any]) -> dict[str, Any] | None:
         """Per step: `EngineTrace.summary` plus the roofline and efficiency; `models` maps step name to

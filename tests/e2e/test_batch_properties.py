@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 
 class SmallBlocks(BatchJob):
-    """The batch job with the example's block size (blocks of 1 to 4 rows)."""
+    """The batch job with the example's block size (blocks of 1 to 4 rows) and shards of a few lines."""
 
     def __init__(self, config: BatchJobConfig, block_rows: int):
         super().__init__(config)
@@ -46,6 +46,9 @@ class SmallBlocks(BatchJob):
 
     def block_rows(self) -> int:
         return self._block_rows
+
+    def shard_bytes(self) -> int:
+        return 64 * self._block_rows  # many shards, cut mid-line: read by several workers
 
 
 def run_job(config: BatchJobConfig, block_rows: int) -> None:

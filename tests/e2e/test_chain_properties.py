@@ -38,6 +38,9 @@ class SmallBlocks(ChainJob):
     def block_rows(self) -> int:
         return self._block_rows
 
+    def shard_bytes(self) -> int:
+        return 64 * self._block_rows  # many shards, cut mid-line: read by several workers
+
 
 @st.composite
 def chains(draw) -> tuple[int, list[str], dict[int, tuple[str, str | None]], int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -196,3 +198,54 @@ def _status(cli) -> str:
     status = cli("endpoint", "status", "colours", timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
     return status.stdout[status.stdout.index("{") :]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare and root (mount namespace)")
+def test_a_node_that_cannot_see_the_local_input_stops_the_run_before_any_engine(tmp_path, ray_head, prefect_server):
+    """Workers read the input where they run. A second node joins the head in a mount namespace of
+    its own, where the input's folder is an empty tmpfs (injected fault: a node without the shared
+    mount); the run stops before any engine starts, naming the input and the node."""
+    from prefect_rayllm.rayllm_stages.runtime import cluster as ray_runtime
+
+    address, _ = ray_head
+    node_dir = tempfile.mkdtemp(prefix="raynode-")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.jsonl").write_text("\n".join(openai_line(f"c{i}", q) for i, (q, _) in enumerate(TOY_TASK)) + "\n")
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    join = (
+        f"mount -t tmpfs none {data} && exec {ray} start --address={address} --num-cpus=2 "
+        f"--node-ip-address=127.0.0.1 --temp-dir={node_dir} --disable-usage-stats"
+    )
+    subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", join],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        timeout=120,
+    )
+    try:
+        _run_and_expect_node_named(tmp_path, data, address, prefect_server)
+    finally:
+        for proc in ray_runtime.session_processes(node_dir):
+            with contextlib.suppress(Exception):
+                proc.kill()
+
+
+def _run_and_expect_node_named(tmp_path: Path, data: Path, address: str, prefect_server: str) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump({"input": str(data / "in.jsonl"), "output": str(tmp_path / "out"), "model": {"source": "./unused"}})
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "prefect_rayllm.flows.cli", "batch", str(config), "--ray-address", address, "--no-progress"],
+        cwd=REPO,
+        env={**os.environ, "PREFECT_API_URL": prefect_server},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output
+    assert re.search(r"input: \S*in\.jsonl does not exist on Ray node 127\.0\.0\.1 \(\w+\); use object storage", output), output

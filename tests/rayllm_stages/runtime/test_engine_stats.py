@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prefect_rayllm.rayllm_stages.llm.capacity import Accelerator, ModelShape
 from prefect_rayllm.rayllm_stages.runtime.engine_stats import (
@@ -151,3 +153,41 @@ def test_efficiency_line_reads_at_a_glance():
     assert "1,280 decode tok/s" in line and "running 128 mean / 128 max of 1024" in line
     assert "KV 5.1% mean (estimate capacity)" in line  # 128 x (250 + 50) of 750,000
     assert "% of the" in line and "H200, 4.8 TB/s" in line
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.floats(0, 20), st.floats(0, 2), st.floats(0, 1), st.floats(0, 5), st.integers(1, 500), st.integers(0, 64)
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    cut=st.integers(0, 40),
+)
+def test_traces_folded_per_block_and_absorbed_equal_one_trace(requests, cut):
+    """Workers fold each block's rows into a trace of its own and the driver absorbs them: the
+    summary is the one a single trace of every row gives."""
+
+    def usage(arrival, wait, prefill, decode, tokens_in, tokens_out):
+        timing = {"arrival": arrival, "wait_s": wait, "prefill_s": prefill, "decode_s": decode}
+        return json.dumps({"batch": {"in": tokens_in, "out": tokens_out, "engine": timing}})
+
+    whole, first, second = EngineTraces(), EngineTraces(), EngineTraces()
+    for number, request in enumerate(requests):
+        whole.observe(usage(*request))
+        (first if number < cut else second).observe(usage(*request))
+    absorbed = EngineTraces()
+    absorbed.absorb(first)
+    absorbed.absorb(second)
+    # Summaries are rounded (to 0.1 at most): sums taken in another order may round the other way.
+    assert flat(absorbed.steps["batch"].summary()) == pytest.approx(flat(whole.steps["batch"].summary()), abs=0.11)
+
+
+def flat(value, path: str = "") -> dict[str, float]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{path}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{path}[{i}]").items()}
+    return {path: float(value) if value is not None else -1.0}  # None: not known
