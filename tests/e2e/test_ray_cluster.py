@@ -248,4 +248,4 @@ def _run_and_expect_node_named(tmp_path: Path, data: Path, address: str, prefect
     )
     output = run.stdout + run.stderr
     assert run.returncode != 0, output
-    assert re.search(r"input: \S*in\.jsonl does not exist on Ray node 127\.0\.0\.1 \(\w+\); use object storage", output), output
+    assert re.search(r"input: \S*in\.jsonl does not exist on Ray node \S+ \(\w+\); use object storage", output), output
