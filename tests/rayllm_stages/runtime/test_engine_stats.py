@@ -158,9 +158,7 @@ def test_efficiency_line_reads_at_a_glance():
 @settings(max_examples=60, deadline=None)
 @given(
     requests=st.lists(
-        st.tuples(
-            st.floats(0, 20), st.floats(0, 2), st.floats(0, 1), st.floats(0, 5), st.integers(1, 500), st.integers(0, 64)
-        ),
+        st.tuples(st.floats(0, 20), st.floats(0, 2), st.floats(0, 1), st.floats(0, 5), st.integers(1, 500), st.integers(0, 64)),
         min_size=1,
         max_size=40,
     ),
