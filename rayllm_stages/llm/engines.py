@@ -243,8 +243,14 @@ class PromptRenderer:
         self.max_model_len = max_model_len
 
     def available(self) -> bool:
-        """Whether this process can read the model's tokenizer and context length."""
-        return _tokenizer_and_limit(self.source, self.max_model_len) is not None
+        """Whether the model's tokenizer and context length can be read where rows are rendered.
+        Asked of a Ray worker when Ray is up: the driver never loads transformers and torch
+        (hundreds of MiB that a flow process would carry for the whole run)."""
+        import ray
+
+        if not ray.is_initialized():
+            return _can_render(self.source, self.max_model_len)
+        return bool(ray.get(ray.remote(num_cpus=0)(_can_render).remote(self.source, self.max_model_len)))
 
     def token_ids(self, request: ChatRequest) -> list[int] | None:
         """The prompt's token ids, or None when the tokenizer cannot be read here."""
@@ -269,6 +275,10 @@ class PromptRenderer:
         if tokens + wanted <= limit:
             return None
         return f"prompt is {tokens} tokens and max_tokens is {wanted}; this model's maximum context length is {limit} tokens"
+
+
+def _can_render(source: str, max_model_len: int | None) -> bool:
+    return _tokenizer_and_limit(source, max_model_len) is not None
 
 
 @functools.lru_cache(maxsize=8)
