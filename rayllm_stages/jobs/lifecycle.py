@@ -249,8 +249,8 @@ class ResumableJob:
                 if isinstance(row, Committed):
                     results += row.results
                     errors += row.errors
-                    if row.results and first_result_at is None:
-                        first_result_at = time.time()
+                    if row.results and (first_result_at is None or row.committed_at < first_result_at):
+                        first_result_at = row.committed_at  # on the parts' clock, as the attempt's span
                     progress.advance(row.rows)
                     continue
                 if row.error_code is None:

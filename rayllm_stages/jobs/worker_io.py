@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,7 @@ class Committed:
     results: int
     errors: int
     traces: EngineTraces
+    committed_at: float = 0.0  # when the worker committed the block (the manifest's timings use it)
 
 
 # A job's reader: (shard, its first row index, repeated rows -> earlier row) -> the shard's rows.
@@ -109,8 +111,8 @@ def check_nodes_see(input_file: Location, output_marker: Location) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if not (input_file.is_local or output_marker.is_local):
-        return
+    if not (input_file.is_local or output_marker.is_local) or not ray.is_initialized():
+        return  # not yet connected: Ray Data starts a local Ray, one node
     nodes = [node for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU")]
     if len(nodes) <= 1:
         return
@@ -263,5 +265,5 @@ def _commit_block(
                 writer.add_error(done.index, done.line, done.error_code, done.failed_step, done.step_usage)
                 errors += 1
         writer.commit()
-    summary = Committed(len(rows), results, errors, traces)
+    summary = Committed(len(rows), results, errors, traces, time.time())
     return pa.table({"committed": pa.array([pickle.dumps(summary)], pa.binary())})

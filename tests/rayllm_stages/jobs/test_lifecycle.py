@@ -278,9 +278,9 @@ def test_attempt_seconds_are_summed_and_never_zero():
     assert attempt_seconds([]) > 0
 
 
-def test_batch_job_on_the_lifecycle_without_an_engine(tmp_path):
+def test_batch_job_on_the_lifecycle_without_an_engine(tmp_path, ray_session):
     """BatchJob's hooks (input check, count, input errors, merge, manifest): every line malformed,
-    so no row reaches an engine and no Ray is needed."""
+    so no row reaches an engine (the model does not exist); Ray workers read and commit them."""
     source = tmp_path / "in.jsonl"
     source.write_text('nope\n{"custom_id": "a"}\n[]\n')
     config = BatchJobConfig(input=str(source), output=str(tmp_path / "out"), model={"source": "./unused"}, commit_every_rows=2)
