@@ -175,14 +175,10 @@ def batch_line(index: int, line: str | None, defaults: SamplingParams, earlier: 
     """One OpenAI Batch line (row `index`) as a `Request` or a `RowError`; `earlier`: the row that
     already used its custom_id. `line` None: the line is not UTF-8."""
     line_no = index + 1
-    if line is None:
-        return RowError(index, None, "invalid_encoding", f"line {line_no}: not valid UTF-8")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return RowError(index, None, "invalid_json", f"line {line_no}: not valid JSON ({exc.msg})", _excerpt(line))
-    if not isinstance(record, dict):
-        return RowError(index, None, "invalid_request", f"line {line_no}: must be a JSON object", _excerpt(line))
+    record = _json_object(index, line, "invalid_request")
+    if isinstance(record, RowError):
+        return record
+    assert line is not None  # a line that is not UTF-8 is a RowError above
     custom_id = record.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return RowError(index, None, "missing_custom_id", f"line {line_no}: custom_id must be a non-empty string", _excerpt(line))
@@ -348,6 +344,12 @@ def keyed_row(
 
 def table_record(index: int, line: str | None) -> dict[str, Any] | RowError:
     """One JSON Lines table line (row `index`) as its record, or why it is not one."""
+    return _json_object(index, line, "invalid_row")
+
+
+def _json_object(index: int, line: str | None, not_an_object: str) -> dict[str, Any] | RowError:
+    """A line (row `index`; None: not UTF-8) as a JSON object, or the row error saying why not
+    (`not_an_object`: the code for valid JSON that is not an object)."""
     if line is None:
         return RowError(index, None, "invalid_encoding", f"line {index + 1}: not valid UTF-8")
     try:
@@ -355,7 +357,7 @@ def table_record(index: int, line: str | None) -> dict[str, Any] | RowError:
     except json.JSONDecodeError as exc:
         return RowError(index, None, "invalid_json", f"line {index + 1}: not valid JSON ({exc.msg})", _excerpt(line))
     if not isinstance(record, dict):
-        return RowError(index, None, "invalid_row", f"line {index + 1}: must be a JSON object", _excerpt(line))
+        return RowError(index, None, not_an_object, f"line {index + 1}: must be a JSON object", _excerpt(line))
     return record
 
 
