@@ -32,6 +32,9 @@ class Location:
         return "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
 
     def exists(self) -> bool:
+        # Fresh, not from the filesystem's listing cache: Ray workers write outputs and run-log parts
+        # this process never listed.
+        self.fs.invalidate_cache(self.path)
         return self.fs.exists(self.path)
 
     def open(self, mode: str = "rb", **kwargs):
@@ -67,7 +70,7 @@ class Location:
         return [self.child(n.rsplit("/", 1)[-1]) for n in files]
 
     def remove(self) -> None:
-        if self.fs.exists(self.path):
+        if self.exists():
             self.fs.rm(self.path, recursive=True)
 
     def size(self) -> int:
