@@ -232,6 +232,28 @@ def cleanup_active() -> None:
     _TRACKED.clear()
 
 
+def follow_output(proc: subprocess.Popen, log, started: float, run: Any, tail_lines: int) -> threading.Thread:
+    """A thread that copies `proc`'s output into `log` (time-stamped), collects its MARKER lines
+    into `run.markers` and keeps about its last `tail_lines` lines in `run.tail`."""
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(f"[{time.monotonic() - started:8.2f}] {line}")
+            if line.startswith(MARKER):
+                try:
+                    run.markers.append(json.loads(line[len(MARKER) :]))
+                except json.JSONDecodeError:
+                    pass
+            run.tail.append(line.rstrip("\n"))
+            if len(run.tail) > tail_lines:
+                del run.tail[:20]
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    return thread
+
+
 def run_subprocess(
     name: str,
     cmd: list[str],
@@ -268,21 +290,7 @@ def run_subprocess(
     _TRACKED.clear()
     _TRACKED.update(seen)
 
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(f"[{time.monotonic() - started:8.2f}] {line}")
-            if line.startswith(MARKER):
-                try:
-                    run.markers.append(json.loads(line[len(MARKER) :]))
-                except json.JSONDecodeError:
-                    pass
-            run.tail.append(line.rstrip("\n"))
-            if len(run.tail) > 60:
-                del run.tail[:20]
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    thread = follow_output(proc, log, started, run, tail_lines=60)
     try:
         driver = psutil.Process(proc.pid)
     except psutil.Error:

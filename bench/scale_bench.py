@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ from typing import Any
 import psutil
 from batch_bench import (
     GPU_MEMORY_UTILIZATION,
-    MARKER,
     MAX_MODEL_LEN,
     PYTHON,
     RAYLLM,
@@ -50,6 +48,7 @@ from batch_bench import (
     SAMPLE_EVERY_S,
     build_model,
     code_version,
+    follow_output,
     subprocess_env,
     write_requests,
 )
@@ -298,21 +297,7 @@ def run_sampled(name: str, cmd: list[str], env: dict[str, str], log_path: Path, 
     _ACTIVE[proc.pid] = proc
     pidfd = os.pidfd_open(proc.pid)
 
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(f"[{time.monotonic() - started:8.2f}] {line}")
-            if line.startswith(MARKER):
-                try:
-                    run.markers.append(json.loads(line[len(MARKER) :]))
-                except json.JSONDecodeError:
-                    pass
-            run.tail.append(line.rstrip("\n"))
-            if len(run.tail) > 80:
-                del run.tail[:20]
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    thread = follow_output(proc, log, started, run, tail_lines=80)
     driver = psutil.Process(proc.pid)
     child_cpu: dict[int, float] = {}
     poller = select.poll()
