@@ -153,11 +153,15 @@ def read_dataset(plan: ReadPlan, reader: ShardReader, done: np.ndarray, block_ro
 
 def any_runnable(plan: ReadPlan, reader: ShardReader, done: np.ndarray) -> bool:
     """Whether any row not yet done can run (is not an input error). Read in the driver up to the
-    first such row: at once for a usual input; the whole input only when nothing is left to run."""
+    first such row, skipping shards that are done: at once for a usual input; the rest of the
+    input only when nothing is left to run."""
     import ray
 
     earlier = ray.get(plan.repeats) if plan.repeats is not None else {}
-    for shard, first_index in zip(plan.shards, plan.first_indexes, strict=True):
+    ends = [*plan.first_indexes[1:], plan.total]
+    for shard, first_index, end in zip(plan.shards, plan.first_indexes, ends, strict=True):
+        if end is not None and done[first_index:end].all():
+            continue  # a resumed run: no need to read shards that are done
         for item in reader(shard, first_index, earlier):
             if not isinstance(item, RowError) and not (item.index < len(done) and done[item.index]):
                 return True
