@@ -195,6 +195,17 @@ def committed_of(summary: dict[str, Any]) -> Committed:
     return pickle.loads(summary["committed"])
 
 
+def run_on_a_worker(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` in one Ray task when Ray is up, so what it reads (a run log's rows) stays on
+    a worker and only its answer reaches this process; here when Ray is not up."""
+    import ray
+
+    if not ray.is_initialized():
+        return function(*args)
+    task = ray.remote(num_cpus=LIGHT_TASK_CPUS, max_retries=0)(function)
+    return ray.get(task.remote(*args))
+
+
 def input_error_row(problem: RowError) -> InputRow:
     """An input error as a pipeline row: its error set, so every stage passes it on untouched."""
     error = {"code": problem.code, "message": problem.message, "step": INPUT_STEP}
