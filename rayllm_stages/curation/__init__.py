@@ -10,5 +10,7 @@ filters        the rules and the dedup settings
 funnel         counts per stage and reason, fetch retries
 contact_sheet  a sample of kept and rejected images as one PNG
 writer         curated.parquet, rejected.parquet, contact sheet and manifest.json
-run            the resumable, incremental run (the shared job lifecycle of `jobs.lifecycle`)
+log_records    records in the run log: committed by the worker holding them, found again by URI
+run            the resumable, incremental run (the shared job lifecycle of `jobs.lifecycle`); the
+               driver coordinates, workers hold the records (finalize is one Ray task)
 """
