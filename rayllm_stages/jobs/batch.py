@@ -41,7 +41,6 @@ from prefect_rayllm.rayllm_stages.jobs.lifecycle import (
     Preparation,
     ResumeRefused,
     RowFinisher,
-    rows_per_block,
 )
 
 __all__ = ["BatchJob", "Execution", "Preparation", "ResumeRefused"]
@@ -59,8 +58,8 @@ class BatchJob(LLMJob):
     def count_rows(self, input_format: str) -> int:
         return count_rows(self.config, input_format)
 
-    def block_rows(self) -> int:
-        return rows_per_block(self.config.model.batch_size)
+    def engine_batch_size(self) -> int:
+        return self.config.model.batch_size
 
     def shard_reader(self, input_format: str) -> BatchRows:
         return BatchRows(self.config, input_format)

@@ -32,7 +32,7 @@ from prefect_rayllm.rayllm_stages.io.batch_input import (
 from prefect_rayllm.rayllm_stages.io.batch_output import ROW_ID_FIELD, TableFormat, json_line
 from prefect_rayllm.rayllm_stages.io.input_shards import Shard, shard_lines
 from prefect_rayllm.rayllm_stages.io.storage import Location
-from prefect_rayllm.rayllm_stages.jobs.lifecycle import InputRow, LLMJob, RowFinisher, rows_per_block
+from prefect_rayllm.rayllm_stages.jobs.lifecycle import InputRow, LLMJob, RowFinisher
 from prefect_rayllm.rayllm_stages.jobs.run_log import PartWriter, RunLog, read_part
 from prefect_rayllm.rayllm_stages.jobs.worker_io import to_table
 from prefect_rayllm.rayllm_stages.llm.engines import LIGHT_MAP_KWARGS, cpu_core_sets
@@ -109,8 +109,8 @@ class ChainJob(LLMJob):
     def count_rows(self, input_format: str) -> int:
         return count_rows(self.config, input_format)
 
-    def block_rows(self) -> int:
-        return rows_per_block(min(s.model.batch_size for s in self.config.steps))
+    def engine_batch_size(self) -> int:
+        return min(s.model.batch_size for s in self.config.steps)
 
     def finisher(self, input_format: str) -> RowFinisher:
         return RowFinisher(ChainFormat(), per_step=True)

@@ -29,8 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prefect_rayllm.rayllm_stages.compat.engine_hooks import with_engine_hook
@@ -116,18 +115,23 @@ def build_engine_processor(
         if served is None:
             raise ValueError("engine 'serve' needs the running engine (serve_engine.ensure_engine)")
         return EngineStage(_serve_processor(spec, step, served), step.name)
-    return EngineStage(_vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu, cpu_cores), step.name)
+    processor, prepare = _vllm_processor(spec, step, cluster_has_gpu() if gpu is None else gpu, cpu_cores)
+    return EngineStage(processor, step.name, prepare)
 
 
 class EngineStage:
     """A `ray.data.llm` processor followed by `rows.conform`: Dataset of rows in, the same rows
-    after one step out (lazily), both of `rows.ROW_SCHEMA`."""
+    after one step out (lazily), both of `rows.ROW_SCHEMA`. `prepare`, when set, runs on the
+    rows before the processor (the vLLM path renders prompts there, see `RenderPrompts`)."""
 
-    def __init__(self, processor: Any, step_name: str):
+    def __init__(self, processor: Any, step_name: str, prepare: Callable[[Any], Any] | None = None):
         self.processor = processor
         self.step_name = step_name
+        self.prepare = prepare
 
     def __call__(self, dataset: Any) -> Any:
+        if self.prepare is not None:
+            dataset = self.prepare(dataset)
         return self.processor(dataset).map_batches(
             conform,
             fn_kwargs={"step": self.step_name},
@@ -395,39 +399,83 @@ def engine_error_of(row: Mapping[str, Any]) -> RowFailure | None:
 # -- vLLM ----------------------------------------------------------------------------------------------
 
 
-# Preprocess tasks at once when they render prompts: each new worker process imports transformers
-# and loads the tokenizer (seconds of CPU); a few long-lived workers render thousands of rows/s.
-RENDER_CONCURRENCY = 4
-# Ray warns when a small input has fewer blocks than RENDER_CONCURRENCY: expected, not a problem.
-warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'Map\(_preprocess\)'")
+# Prompts are rendered to token ids in a small autoscaling pool of long-lived actors, not in the
+# processor's preprocess tasks: Ray ends an idle task worker within about a second when its node
+# runs more workers than it has CPUs, and every new worker imported transformers and loaded the
+# tokenizer again (seconds of CPU each). An actor loads it once. Up to one actor per engine (at
+# least two). The actors ask for no CPU: an actor holds what it asks for the whole run, and the
+# streaming repartition before it asks for a whole CPU (Ray's default, which Ray 2.60 does not let
+# us set): on a 2-CPU Ray with one engine, a 0.25-CPU render actor left it 0.75 and the run hung.
+RENDER_ACTORS_MIN = 2
+RENDER_CPUS = 0
 
 
 def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | None = None):
+    """The processor for `step` on `spec`'s vLLM engine, and the stage that must run before it
+    (rendering prompts in actors), or None when Ray's chat-template and tokenize stages do that."""
     structured = step.json_schema is not None
     renderer = _renderer_for(spec, step)
-    rendered = renderer is not None and renderer.available()
+    if renderer is not None and not renderer.available():
+        renderer = None
     config = vllm_processor_config(
-        spec, gpu, structured_outputs=structured, cpu_cores=cpu_cores, images=step.images, rendered_prompts=rendered
+        spec,
+        gpu,
+        structured_outputs=structured,
+        cpu_cores=cpu_cores,
+        images=step.images,
+        rendered_prompts=renderer is not None,
     )
-    return _processor(
-        config,
-        functools.partial(_vllm_preprocess, step=step, guard=renderer, rendered=rendered),
-        functools.partial(_vllm_postprocess, step=step),
-        preprocess_map_kwargs={**LIGHT_MAP_KWARGS, "concurrency": RENDER_CONCURRENCY} if rendered else None,
+    if renderer is not None:
+        processor = _processor(config, _already_rendered, functools.partial(_vllm_postprocess, step=step))
+        most_engines = spec.concurrency if isinstance(spec.concurrency, int) else spec.concurrency[1]
+        return processor, functools.partial(render_prompts, step=step, renderer=renderer, most_engines=most_engines)
+    processor = _processor(
+        config, functools.partial(_vllm_preprocess, step=step), functools.partial(_vllm_postprocess, step=step)
+    )
+    return processor, None
+
+
+def render_prompts(dataset: Any, step: LLMStep, renderer: PromptRenderer, most_engines: int = 1) -> Any:
+    """`dataset` with each row's engine request columns added, its prompt rendered to token ids
+    (see `RenderPrompts`), in an autoscaling pool of light actors (see `RENDER_ACTORS_MIN`)."""
+    from ray.data import ActorPoolStrategy
+
+    return dataset.map(
+        RenderPrompts,
+        fn_constructor_kwargs={"step": step, "renderer": renderer},
+        compute=ActorPoolStrategy(min_size=1, max_size=max(RENDER_ACTORS_MIN, most_engines)),
+        num_cpus=RENDER_CPUS,
     )
 
 
-def _vllm_preprocess(
-    row: dict[str, Any], step: LLMStep, guard: PromptRenderer | None = None, rendered: bool = False
-) -> dict[str, Any]:
-    """The engine's request columns: the prompt's token ids (`rendered`: Ray's chat-template and
-    tokenize stages are off) or the messages for those stages, and the sampling params."""
-    outcome, token_ids = _prepare(row, step, guard)
-    request, errors = _request_for(outcome, step)
-    if rendered:
+class RenderPrompts:
+    """Ray Data callable class: a row with the engine's request columns added, the prompt as
+    token ids (`PromptRenderer`); a row that does not run keeps its error and sends the step's
+    placeholder. The tokenizer loads once, when the actor starts."""
+
+    def __init__(self, step: LLMStep, renderer: PromptRenderer):
+        self.step = step
+        self.renderer = renderer
+        _tokenizer_and_limit(renderer.source, renderer.max_model_len)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        outcome, token_ids = _prepare(row, self.step, self.renderer)
+        request, errors = _request_for(outcome, self.step)
         if token_ids is None:  # the placeholder of a row that does not run
-            token_ids = guard.token_ids(request) if guard is not None else None
-        return {"tokenized_prompt": token_ids, "sampling_params": request.sampling.for_vllm(), **errors}
+            token_ids = self.renderer.token_ids(request)
+        return {**row, "tokenized_prompt": token_ids, "sampling_params": request.sampling.for_vllm(), **errors}
+
+
+def _already_rendered(row: dict[str, Any]) -> dict[str, Any]:
+    """The processor's preprocess when `RenderPrompts` ran before it: nothing left to add."""
+    return {}
+
+
+def _vllm_preprocess(row: dict[str, Any], step: LLMStep) -> dict[str, Any]:
+    """The request columns for Ray's chat-template and tokenize stages: the messages and the
+    sampling params (used when the tokenizer cannot be read where rows are rendered, and for
+    image steps)."""
+    request, errors = _request_for(_prepare(row, step, None)[0], step)
     return {"messages": request.messages, "sampling_params": request.sampling.for_vllm(), **errors}
 
 

@@ -9,6 +9,7 @@ from prefect_rayllm.rayllm_stages.config.models import ModelSpec, PromptTemplate
 from prefect_rayllm.rayllm_stages.llm.engines import (
     CPU_PLACEMENT,
     PromptRenderer,
+    RenderPrompts,
     _http_preprocess,
     _serve_preprocess,
     _unwrap_body,
@@ -155,17 +156,18 @@ def test_text_rows_reach_vllm_as_token_ids_without_rays_template_and_tokenize_st
     source = str(tiny_models["good"])
     renderer = PromptRenderer(source, 256)
     step = TemplateStep("answer", PromptTemplate(user="{{ x }}"), EngineSampling(max_tokens=4), "out")
-    row = _vllm_preprocess(_row(x="Is red warm or cool?"), step, guard=renderer, rendered=True)
+    render = RenderPrompts(step, renderer)
+    row = render(_row(x="Is red warm or cool?"))
     tokenizer = AutoTokenizer.from_pretrained(source)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Is red warm or cool?"}], tokenize=False, add_generation_prompt=True
     )
     assert row["tokenized_prompt"] == tokenizer(text, add_special_tokens=False)["input_ids"] and "messages" not in row
-    failed = _vllm_preprocess(_row(x="word " * 400), step, guard=renderer, rendered=True)
+    failed = render(_row(x="word " * 400))
     assert failed[ERROR_COLUMN]["code"] == "prompt_too_long" and failed["tokenized_prompt"] == renderer.token_ids(
         step.placeholder
     )
-    assert set(failed) == set(row) | {"http_status"}
+    assert set(failed) == set(row) | {"http_status"} and row["row_key"] == "k3"
     spec = ModelSpec(source=source, engine_kwargs={"max_model_len": 256})
     config = vllm_processor_config(spec, gpu=False, rendered_prompts=True)
     assert not config.chat_template_stage["enabled"] and not config.tokenize_stage["enabled"]
