@@ -35,7 +35,7 @@ class SmallBlocks(ChainJob):
         super().__init__(config)
         self._block_rows = block_rows
 
-    def block_rows(self) -> int:
+    def block_rows(self, rows_to_run: int | None = None) -> int:
         return self._block_rows
 
     def shard_bytes(self) -> int:
