@@ -364,6 +364,7 @@ def _gate_evaluation(tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # about 2 minutes (a candidate engine); keeps CI under 45 minutes. The gate's pass and fail run in CI.
 def test_an_unmeasurable_gate_stops_the_rollout_as_inconclusive(endpoint, tiny_models, tmp_path, monkeypatch):
     """Injected fault: the gate's evaluation endpoint is unreachable (a port where nothing
     listens). The gate is tried `check_attempts` times with doubling backoff, then the rollout stops
