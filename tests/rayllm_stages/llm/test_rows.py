@@ -118,7 +118,7 @@ config_sampling = st.builds(
 @given(st.lists(st.one_of(config_sampling.map(EngineSampling.from_params), st.none()), min_size=1, max_size=8))
 @example([EngineSampling(top_k=5), None])  # issue 11: a refused row beside a row with top_k
 @example([EngineSampling(seed=3), EngineSampling()])  # a seed in one row only
-def test_every_good_row_reaches_vllm_with_its_own_sampling(samplings):
+def test_every_good_row_reaches_vllm_with_its_own_sampling(ray_session, samplings):
     """Rows of one block, good (with these sampling params) or failed (None), through our
     preprocess and Ray Data's block building and numpy conversion, as Ray's vLLM stage receives
     them: every row builds a `vllm.SamplingParams`, a good one with its own values and types, a
