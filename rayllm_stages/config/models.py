@@ -85,10 +85,15 @@ class ModelSpec(StrictModel):
     @field_validator("concurrency")
     @classmethod
     def _concurrency_valid(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        low, high = (value, value) if isinstance(value, int) else value
+        low, high = _bounds(value)
         if low < 1 or high < low:
             raise ValueError("concurrency must be >= 1, or (min, max) with 1 <= min <= max")
         return value
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        """(fewest, most) engine replicas: `concurrency` as a pair."""
+        return _bounds(self.concurrency)
 
     @model_validator(mode="after")
     def _engine_fields_match(self) -> ModelSpec:
@@ -256,3 +261,7 @@ class ChainJobConfig(RowJobConfig):
                 for s in self.steps
             ],
         }
+
+
+def _bounds(concurrency: int | tuple[int, int]) -> tuple[int, int]:
+    return (concurrency, concurrency) if isinstance(concurrency, int) else (concurrency[0], concurrency[1])

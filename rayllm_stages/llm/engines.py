@@ -427,7 +427,7 @@ def _vllm_processor(spec: ModelSpec, step: LLMStep, gpu: bool, cpu_cores: str | 
     )
     if renderer is not None:
         processor = _processor(config, _already_rendered, functools.partial(_vllm_postprocess, step=step))
-        most_engines = spec.concurrency if isinstance(spec.concurrency, int) else spec.concurrency[1]
+        most_engines = spec.replica_bounds[1]
         return processor, functools.partial(render_prompts, step=step, renderer=renderer, most_engines=most_engines)
     processor = _processor(
         config, functools.partial(_vllm_preprocess, step=step), functools.partial(_vllm_postprocess, step=step)

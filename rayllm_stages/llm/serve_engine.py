@@ -50,7 +50,7 @@ def llm_config(spec: ModelSpec, gpu: bool):
     # One engine may serve text steps and JSON steps alike: set it up for structured outputs.
     engine_kwargs = engine_kwargs_for(spec, gpu=gpu, structured_outputs=True)
     placement = placement_for(spec, gpu=gpu)
-    low, high = (spec.concurrency, spec.concurrency) if isinstance(spec.concurrency, int) else spec.concurrency
+    low, high = spec.replica_bounds
     options: dict[str, Any] = dict(
         model_loading_config={"model_id": spec.served_name, "model_source": spec.source},
         engine_kwargs=engine_kwargs,

@@ -354,7 +354,7 @@ def engine_report(trace: EngineTrace, spec: Any = None, accelerator: Accelerator
     roofline = None
     if shape and accelerator and summary.get("context_tokens_mean"):
         kwargs = spec.engine_kwargs
-        replicas = spec.concurrency if isinstance(spec.concurrency, int) else spec.concurrency[1]
+        replicas = spec.replica_bounds[1]
         roofline = decode_roofline(
             shape,
             accelerator,
